@@ -1,0 +1,36 @@
+"""The shared linear-attention core and one token-mixer module per mechanism.
+
+``linear_attention`` is the single functional entry point (see :mod:`linvision.attn.core`);
+``MIXERS`` maps a mechanism name to its token-mixer class. Every mixer is built as
+``cls(dim, num_heads, **kwargs)`` and called as ``mixer(q, k, v, hw=(H, W), rope=RopeGrid|None)``
+on ``(B, heads, N, head_dim)`` tensors, returning ``(B, heads, N, head_dim)``.
+"""
+from typing import Dict, Type
+
+from torch import nn
+
+from .core import BACKENDS, FEATURE_MAPS, NORMALIZATIONS, linear_attention
+from .mala import MagnitudeAwareLinearAttention
+from .rala import RankAugmentedLinearAttention, global_query_key_weights
+from .rope import Rope2d, RopeGrid, apply_rope, rope_angle, rope_tables
+from .softmax import SoftmaxAttention
+
+MIXERS: Dict[str, Type[nn.Module]] = {
+    "mala": MagnitudeAwareLinearAttention,
+    "rala": RankAugmentedLinearAttention,
+    "softmax": SoftmaxAttention,
+}
+
+
+def create_mixer(name: str, dim: int, num_heads: int, **kwargs) -> nn.Module:
+    """Build the token mixer registered under ``name`` (one of ``MIXERS``)."""
+    if name not in MIXERS:
+        raise ValueError(f"unknown attention {name!r}; expected one of {sorted(MIXERS)}")
+    return MIXERS[name](dim, num_heads, **kwargs)
+
+
+__all__ = [
+    "linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "MIXERS", "create_mixer",
+    "MagnitudeAwareLinearAttention", "RankAugmentedLinearAttention", "SoftmaxAttention",
+    "global_query_key_weights", "Rope2d", "RopeGrid", "apply_rope", "rope_angle", "rope_tables",
+]

@@ -1,0 +1,5 @@
+"""timm-registered model families (importing this module registers every model)."""
+from . import linvit
+from .linvit import LinViT
+
+__all__ = ["LinViT", "linvit"]

@@ -1,0 +1,538 @@
+"""LinViT: the MAViT / RAVLT hierarchical skeleton with a selectable attention mechanism.
+
+One model class serves three registered families (they share skeleton and state-dict layout,
+spec ../shared/specs/mala_rala.md §2):
+
+* ``linvit_{t,s,b,l}[_<mech>]`` — the house family: linear attention in **every** stage
+  (``attn='mala'`` by default), so cost is linear in the number of pixels at any resolution.
+* ``mavit_{t,s,b,l}`` — official MAViT (MALA): MALA in stages 1–2, softmax in 3–4, projection 2048/2560.
+* ``ravlt_{t,s,b,l}`` — official RAVLT (RALA): RALA in stages 1–2, softmax in 3–4, projection 1024.
+
+Skeleton: conv stem (stride 4) → 4 stages (stage i>0 starts with a 3×3/2 conv + BN downsample)
+of blocks ``x += CPE(x); x += γ1·Attn(LN(x)); x += γ2·FFN(LN(x))`` → 1×1 conv projection + BN +
+SiLU → global pool → linear classifier. Attention: fused 1×1 ``qkvo`` conv, a token mixer from
+:mod:`linvision.attn`, LePE (5×5 depthwise on V), output gate O (no activation), 1×1 projection.
+
+Any input size works: every stride-2 conv has padding 1 (out = ⌈in/2⌉) and RoPE is built per
+stage from the runtime grid, so no padding or interpolation is needed.
+
+Official checkpoints (``{'model': ...}``, ``{'model_ema': ...}``, ``{'state_dict_ema': ...}``, plain,
+``.pth`` or ``.safetensors``) load through ``checkpoint_filter_fn``::
+
+    timm.create_model('mavit_s', pretrained=True, pretrained_cfg_overlay=dict(file='MAViT_S.pth'))
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
+
+__all__ = ["LinViT", "checkpoint_filter_fn"]
+
+
+class ConvStem(nn.Sequential):
+    """Stride-4 stem (spec §2.1): 3×3 convs 2/1/1/2 with BN, GELU after all but the last BN.
+
+    Indices match the official ``patch_embed.proj`` Sequential (0, 3, 6, 9 convs; 1, 4, 7, 10 BNs).
+    """
+
+    def __init__(self, in_chans: int, dim: int):
+        half = dim // 2
+        super().__init__(
+            nn.Conv2d(in_chans, half, 3, 2, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, half, 3, 1, 1), nn.BatchNorm2d(half), nn.GELU(),
+            nn.Conv2d(half, dim, 3, 2, 1), nn.BatchNorm2d(dim),
+        )
+
+
+class Downsample(nn.Module):
+    """3×3 stride-2 conv + BN between stages (official ``PatchMerging``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.norm = nn.BatchNorm2d(out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(x))
+
+
+class ConvFfn(nn.Module):
+    """1×1 conv → GELU → (y + DWConv3×3(y)) → 1×1 conv (spec §2.4)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.act = nn.GELU()
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
+        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.fc1(x))
+        x = x + self.dwconv(x)
+        return self.fc2(x)
+
+
+class GatedAttention(nn.Module):
+    """qkvo projection, token mixer, LePE and output gate (spec §2.5).
+
+    ``out = proj((mixer(q, k, v) + LePE(v)) ⊙ o)``; input/output ``(B, C, H, W)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, attn: str):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_type = attn
+        self.qkvo = nn.Conv2d(dim, 4 * dim, 1)
+        self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
+        self.mixer = create_mixer(attn, dim, num_heads)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
+        lepe = self.lepe(v)
+        # (B, C, H, W) -> (B, heads, N, d) with channel = head * d + j (head-major), tokens row-major.
+        q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v))
+        u = self.mixer(q, k, v, hw=(h, w), rope=rope if getattr(self.mixer, "uses_rope", False) else None)
+        u = u.transpose(-1, -2).reshape(b, c, h, w)
+        return self.proj((u + lepe) * o)
+
+
+class LinViTBlock(nn.Module):
+    """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path (spec §2.4)."""
+
+    def __init__(self, dim: int, num_heads: int, attn: str, mlp_ratio: float = 3.5,
+                 layer_scale_init: float = 1.0, drop_path: float = 0.0):
+        super().__init__()
+        self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.attn = GatedAttention(dim, num_heads, attn)
+        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.mlp = ConvFfn(dim, int(mlp_ratio * dim))
+        # Official shape (1, C, 1, 1): checkpoints load as they are, and (as in the official recipe)
+        # timm's default optimizer filter weight-decays them.
+        self.gamma_1 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init)))
+        self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init)))
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
+        x = x + self.cpe(x)
+        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rope))
+        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
+        return x
+
+
+class LinViTStage(nn.Module):
+    """Optional downsample, then blocks sharing one RoPE ``angle`` buffer built from the stage grid."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, attn: str, downsample: bool,
+                 mlp_ratio: float, layer_scale_init: float, drop_path: Sequence[float]):
+        super().__init__()
+        self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
+        self.rope = Rope2d(dim // num_heads)
+        self.blocks = nn.ModuleList([
+            LinViTBlock(dim, num_heads, attn, mlp_ratio, layer_scale_init, drop_path[j]) for j in range(depth)
+        ])
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        rope = self.rope(x.shape[-2], x.shape[-1])
+        for blk in self.blocks:
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+            else:
+                x = blk(x, rope)
+        return x
+
+
+class LinViT(nn.Module):
+    """Hierarchical linear-attention ViT (MAViT/RAVLT skeleton) with timm's model API.
+
+    Args:
+        embed_dims, depths, num_heads: per-stage widths, block counts and head counts.
+        attn: token mixer for the linear stages, a key of ``linvision.attn.MIXERS``.
+        softmax_stages: stage indices that use softmax attention instead (MAViT/RAVLT: ``(2, 3)``).
+        mlp_ratio: FFN expansion (3.5 in every official variant).
+        layer_scale_init: per-stage initial value of the layer-scale gammas.
+        projection: width ``P`` of the 1×1 conv + BN + SiLU before pooling (the pre-logits width).
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = "avg",
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (1, 2, 4, 8),
+            attn: str = "mala",
+            softmax_stages: Sequence[int] = (),
+            mlp_ratio: float = 3.5,
+            layer_scale_init: Union[float, Sequence[float]] = 1.0,
+            projection: int = 2048,
+            drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        if attn not in MIXERS or attn == "softmax" and softmax_stages:
+            raise ValueError(f"attn must be one of {sorted(MIXERS)}, got {attn!r}")
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(num_heads) == num_stages):
+            raise ValueError("embed_dims, depths and num_heads must have one entry per stage")
+        if any(not 0 <= s < num_stages for s in softmax_stages):
+            raise ValueError(f"softmax_stages must index stages 0..{num_stages - 1}, got {tuple(softmax_stages)}")
+        if isinstance(layer_scale_init, (int, float)):
+            layer_scale_init = (float(layer_scale_init),) * num_stages
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.in_chans = in_chans
+        self.attn = attn
+        self.softmax_stages = tuple(softmax_stages)
+        self.grad_checkpointing = False
+
+        self.stem = ConvStem(in_chans, embed_dims[0])
+        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        stages, self.feature_info = [], []
+        for i in range(num_stages):
+            stages.append(LinViTStage(
+                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], num_heads[i],
+                "softmax" if i in self.softmax_stages else attn, downsample=i > 0, mlp_ratio=mlp_ratio,
+                layer_scale_init=layer_scale_init[i], drop_path=dpr[i],
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
+        self.stages = nn.Sequential(*stages)
+
+        self.num_features = self.head_hidden_size = projection
+        self.conv_head = nn.Conv2d(embed_dims[-1], projection, 1)
+        self.norm_head = nn.BatchNorm2d(projection)
+        self.act_head = nn.SiLU()
+        self.global_pool_layer = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Official init (spec §2.8): conv/linear trunc_normal(0.02), bias 0; norms at defaults.
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    # ---------------------------------------------------------------- timm API
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # Nothing beyond timm's default (1-D params and biases): the official recipe decays the
+        # (1, C, 1, 1) layer-scale gammas and there is no position table or token parameter.
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r"^stem",
+            blocks=r"^stages\.(\d+)" if coarse else [
+                (r"^stages\.(\d+)\.downsample", (0,)),
+                (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+            self.global_pool_layer = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), "
+                             f"got {tuple(x.shape)}")
+
+    def _forward_head_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_head(self.norm_head(self.conv_head(x)))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = "NCHW",
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Stage outputs (strides 4/8/16/32, NCHW) and optionally the final features.
+
+        ``indices``: last n stages if int, all if None, else explicit (negative allowed).
+        ``norm`` is accepted for API compatibility; classification models have no stage norms.
+        """
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        if isinstance(self.conv_head, nn.Conv2d) and len(stages) == len(self.stages):
+            x = self._forward_head_features(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last one needed (and the head when asked); return the indices."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_head or max_index < len(self.feature_info) - 1:
+            self.conv_head, self.norm_head, self.act_head = nn.Identity(), nn.Identity(), nn.Identity()
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in_chans, H, W)`` → ``(B, projection, ⌈H/32⌉, ⌈W/32⌉)``."""
+        self._check_input(x)
+        x = self.stem(x)
+        x = self.stages(x)
+        return self._forward_head_features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool_layer(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------- official checkpoints
+_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
+_RENAMES = (
+    (r"^module\.", ""),
+    (r"^patch_embed\.proj\.", "stem."),
+    (r"^layers\.(\d+)\.RoPE\.angle$", r"stages.\1.rope.angle"),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.pos\.", r"stages.\1.blocks.\2.cpe."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.norm([12])\.norm\.", r"stages.\1.blocks.\2.norm\3."),
+    (r"^layers\.(\d+)\.blocks\.(\d+)\.ffn\.", r"stages.\1.blocks.\2.mlp."),
+    (r"^layers\.(\d+)\.blocks\.", r"stages.\1.blocks."),
+    (r"^proj\.", "conv_head."),
+    (r"^norm\.", "norm_head."),
+)
+
+
+def _unwrap(state_dict: Dict) -> Dict:
+    for key in _WRAPPER_KEYS:
+        if isinstance(state_dict.get(key), dict):
+            return state_dict[key]
+    return state_dict
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LinViT) -> Dict[str, torch.Tensor]:
+    """Convert an official MAViT/RAVLT (qhfan/MALA, qhfan/RALA) state dict to LinViT's layout.
+
+    Handles ``{'model'|'model_ema'|'state_dict'|'state_dict_ema': ...}`` wrappers and a ``module.``
+    prefix; native state dicts pass through. Raises ``ValueError`` naming the missing keys when
+    the converted checkpoint does not cover the model (classifier keys excepted: timm drops them
+    when ``num_classes`` differs).
+    """
+    state_dict = _unwrap(state_dict)
+    if not any(k.startswith("stages.") for k in state_dict):
+        out = {}
+        for k, v in state_dict.items():
+            if k.startswith("extra_norms."):  # dense-backbone output norms: no classification counterpart
+                continue
+            m = re.match(r"^(?:module\.)?layers\.(\d+)\.downsample\.(reduction|norm)\.(.+)$", k)
+            if m:
+                # Official downsample sits at the end of stage i; ours starts stage i + 1.
+                name = "conv" if m.group(2) == "reduction" else "norm"
+                out[f"stages.{int(m.group(1)) + 1}.downsample.{name}.{m.group(3)}"] = v
+                continue
+            for pattern, repl in _RENAMES:
+                k = re.sub(pattern, repl, k)
+            if k == "head.weight" and v.dim() == 4:  # the official classifier is a 1x1 conv
+                v = v.flatten(1)
+            out[k] = v
+        state_dict = out
+    missing = [k for k in model.state_dict() if k not in state_dict and not k.startswith("head.")]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(f"checkpoint does not match {type(model).__name__}: missing keys {shown}")
+    return state_dict
+
+
+# ------------------------------------------------------------------- builders and cfgs
+def _create_linvit(variant: str, pretrained: bool = False, **kwargs) -> LinViT:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        LinViT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+def _cfg(url: str = "", **kwargs) -> Dict:
+    return {
+        "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
+        "crop_pct": 0.875, "interpolation": "bicubic", "fixed_input_size": False,
+        "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.0", "classifier": "head", **kwargs,
+    }
+
+
+_MALA = dict(paper_name="Rectifying Magnitude Neglect in Linear Attention", paper_ids="arXiv:2507.00698",
+             origin_url="https://github.com/qhfan/MALA", license="unknown")
+_RALA = dict(paper_name="Breaking the Low-Rank Dilemma of Linear Attention", paper_ids="arXiv:2411.07635",
+             origin_url="https://github.com/qhfan/RALA", license="unknown")
+
+# Sizes of MALA_T/S/B/L and RAVLT_T/S/B/L (spec §3.3, §4.3): the drop-path rates are the official,
+# hard-coded per-variant ones; any `drop_path_rate=` passed to create_model overrides them.
+_SIZES = {
+    "t": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),
+              layer_scale_init=(1.0, 1.0, 1.0, 1.0), drop_path_rate=0.1),
+    "s": dict(embed_dims=(64, 128, 320, 512), depths=(3, 5, 9, 3), num_heads=(1, 2, 5, 8),
+              layer_scale_init=(1.0, 1.0, 1.0, 1.0), drop_path_rate=0.15),
+    "b": dict(embed_dims=(96, 192, 384, 512), depths=(4, 6, 12, 6), num_heads=(1, 2, 6, 8),
+              layer_scale_init=(1.0, 1.0, 1e-6, 1e-6), drop_path_rate=0.4),
+    "l": dict(embed_dims=(96, 192, 448, 640), depths=(4, 7, 19, 8), num_heads=(1, 2, 7, 10),
+              layer_scale_init=(1e-6,) * 4, drop_path_rate=0.55),
+}
+_MALA_PROJECTION = {"t": 2048, "s": 2048, "b": 2048, "l": 2560}
+_RAVLT_FILES = {"t": "RAVLT_T.pth", "s": "RAVLT_S.pth", "b": "RAVLT_B.pth", "l": "RAVLT_L.pth"}
+
+default_cfgs = generate_default_cfgs({
+    **{f"linvit_{s}.untrained": _cfg() for s in _SIZES},
+    **{f"linvit_{s}_rala.untrained": _cfg() for s in _SIZES},
+    # MAViT weights live in the HF repo aldjalkdf/MAViT under file names the authors have not
+    # documented (spec §3.5); pass the downloaded file with pretrained_cfg_overlay=dict(file=...).
+    **{f"mavit_{s}.in1k": _cfg(**_MALA, notes=("weights: https://huggingface.co/aldjalkdf/MAViT (file names "
+                                                 "undocumented; load with pretrained_cfg_overlay=dict(file=...))",))
+       for s in _SIZES},
+    **{f"ravlt_{s}.in1k": _cfg(hf_hub_id="aldjalkdf/RAVLT", hf_hub_filename=f, **_RALA)
+       for s, f in _RAVLT_FILES.items()},
+})
+
+
+def _linvit(variant: str, size: str, default_attn: str, pretrained: bool, **kwargs) -> LinViT:
+    """LinViT of the given size; ``attn=`` overrides the mechanism named by the variant."""
+    args = dict(_SIZES[size], attn=default_attn, projection=_MALA_PROJECTION[size])
+    return _create_linvit(variant, pretrained=pretrained, **dict(args, **kwargs))
+
+
+def _mavit(size: str, pretrained: bool, **kwargs) -> LinViT:
+    args = dict(_SIZES[size], attn="mala", softmax_stages=(2, 3), projection=_MALA_PROJECTION[size])
+    return _create_linvit(f"mavit_{size}", pretrained=pretrained, **dict(args, **kwargs))
+
+
+def _ravlt(size: str, pretrained: bool, **kwargs) -> LinViT:
+    args = dict(_SIZES[size], attn="rala", softmax_stages=(2, 3), projection=1024)
+    return _create_linvit(f"ravlt_{size}", pretrained=pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def linvit_t(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t", "t", "mala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s", "s", "mala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b", "b", "mala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l", "l", "mala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_rala(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_rala", "t", "rala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_rala(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_rala", "s", "rala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_rala(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_rala", "b", "rala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_rala(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_rala", "l", "rala", pretrained, **kwargs)
+
+
+@register_model
+def mavit_t(pretrained: bool = False, **kwargs) -> LinViT:
+    return _mavit("t", pretrained, **kwargs)
+
+
+@register_model
+def mavit_s(pretrained: bool = False, **kwargs) -> LinViT:
+    return _mavit("s", pretrained, **kwargs)
+
+
+@register_model
+def mavit_b(pretrained: bool = False, **kwargs) -> LinViT:
+    return _mavit("b", pretrained, **kwargs)
+
+
+@register_model
+def mavit_l(pretrained: bool = False, **kwargs) -> LinViT:
+    return _mavit("l", pretrained, **kwargs)
+
+
+@register_model
+def ravlt_t(pretrained: bool = False, **kwargs) -> LinViT:
+    return _ravlt("t", pretrained, **kwargs)
+
+
+@register_model
+def ravlt_s(pretrained: bool = False, **kwargs) -> LinViT:
+    return _ravlt("s", pretrained, **kwargs)
+
+
+@register_model
+def ravlt_b(pretrained: bool = False, **kwargs) -> LinViT:
+    return _ravlt("b", pretrained, **kwargs)
+
+
+@register_model
+def ravlt_l(pretrained: bool = False, **kwargs) -> LinViT:
+    return _ravlt("l", pretrained, **kwargs)
