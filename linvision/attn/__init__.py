@@ -10,7 +10,12 @@ from typing import Dict, Type
 from torch import nn
 
 from .core import BACKENDS, FEATURE_MAPS, NORMALIZATIONS, linear_attention
+from .focused import FocusedLinearAttention
+from .infsa import InfiniteSelfAttention
+from .inline import InjectiveLinearAttention
 from .mala import MagnitudeAwareLinearAttention
+from .mirror import MirrorLinearAttention
+from .qt_taylor import QuadraticTaylorAttention
 from .rala import RankAugmentedLinearAttention, global_query_key_weights
 from .rope import Rope2d, RopeGrid, apply_rope, rope_angle, rope_tables
 from .softmax import SoftmaxAttention
@@ -19,6 +24,11 @@ MIXERS: Dict[str, Type[nn.Module]] = {
     "mala": MagnitudeAwareLinearAttention,
     "rala": RankAugmentedLinearAttention,
     "softmax": SoftmaxAttention,
+    "focused": FocusedLinearAttention,
+    "inline": InjectiveLinearAttention,
+    "qt": QuadraticTaylorAttention,
+    "mirror": MirrorLinearAttention,
+    "infsa": InfiniteSelfAttention,
 }
 
 
@@ -32,5 +42,7 @@ def create_mixer(name: str, dim: int, num_heads: int, **kwargs) -> nn.Module:
 __all__ = [
     "linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "MIXERS", "create_mixer",
     "MagnitudeAwareLinearAttention", "RankAugmentedLinearAttention", "SoftmaxAttention",
+    "FocusedLinearAttention", "InjectiveLinearAttention", "QuadraticTaylorAttention", "MirrorLinearAttention",
+    "InfiniteSelfAttention",
     "global_query_key_weights", "Rope2d", "RopeGrid", "apply_rope", "rope_angle", "rope_tables",
 ]

@@ -17,21 +17,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import linear_attention
+from .core import compute_dtype, linear_attention
 from .rope import RopeGrid
 
 __all__ = ["RankAugmentedLinearAttention", "global_query_key_weights"]
 
 
 def global_query_key_weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
-    """RALA's key weights ``N · softmax_j(s · mean_i φ(q_i) · φ(k_j))``, ``(B, H, N)`` float32.
+    """RALA's key weights ``N · softmax_j(s · mean_i φ(q_i) · φ(k_j))``, ``(B, H, N)``, fp32 (fp64 for fp64).
 
     ``q, k``: raw ``(B, H, N, d)`` projections (φ = ELU+1 is applied here, in fp32).
     """
     n = q.shape[2]
+    acc = compute_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q_mean = (F.elu(q.float()) + 1.0).mean(dim=2, keepdim=True)             # (B, H, 1, d)
-        logits = (q_mean * scale) @ (F.elu(k.float()) + 1.0).transpose(-1, -2)  # (B, H, 1, N)
+        q_mean = (F.elu(q.to(acc)) + 1.0).mean(dim=2, keepdim=True)             # (B, H, 1, d)
+        logits = (q_mean * scale) @ (F.elu(k.to(acc)) + 1.0).transpose(-1, -2)  # (B, H, 1, N)
         return logits.softmax(dim=-1).squeeze(2) * n
 
 
