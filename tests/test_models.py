@@ -4,7 +4,7 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2
 
-import linvision  # noqa: F401
+import linvision
 
 ALL_MODELS = timm.list_models(["linvit_*", "mavit_*", "ravlt_*"])
 TINY_MODELS = [m for m in ALL_MODELS if "_t" in m]
@@ -127,7 +127,7 @@ def test_grad_checkpointing_same_result(name):
     model.set_grad_checkpointing(True)
     model.train()
     for m in model.modules():  # keep BN statistics fixed so both passes compute the same function
-        if isinstance(m, torch.nn.BatchNorm2d):
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.eval()
     out = model(x)
     torch.testing.assert_close(out, ref)
@@ -148,4 +148,28 @@ def test_bf16_autocast_forward_is_finite():
     model = timm.create_model("linvit_t").eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 128, 128) * 3)
+    assert torch.isfinite(out.float()).all()
+
+
+MECHANISMS = sorted(set(linvision.attn.MIXERS) - {"softmax"})
+
+
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_every_mechanism_finite_on_a_1024x1024_grid_in_bf16(mechanism):
+    from linvision.attn import RopeGrid, create_mixer, rope_angle
+    hw, d = (1024, 1024), 16
+    mixer = create_mixer(mechanism, d, 1)
+    q, k, v = (torch.randn(1, 1, hw[0] * hw[1], d).mul(4).bfloat16() for _ in range(3))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mixer(q, k, v, hw=hw, rope=RopeGrid(rope_angle(d), *hw))
+    assert out.shape == q.shape and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mechanism", MECHANISMS)
+def test_every_linvit_finite_at_1024x1024_bf16_cuda(mechanism):
+    name = "linvit_t" if mechanism == "mala" else f"linvit_t_{mechanism}"
+    model = timm.create_model(name).cuda().eval()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 1024, 1024, device="cuda"))
     assert torch.isfinite(out.float()).all()

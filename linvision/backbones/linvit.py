@@ -4,7 +4,8 @@ One model class serves three registered families (they share skeleton and state-
 spec ../shared/specs/mala_rala.md §2):
 
 * ``linvit_{t,s,b,l}[_<mech>]`` — the house family: linear attention in **every** stage
-  (``attn='mala'`` by default), so cost is linear in the number of pixels at any resolution.
+  (``attn='mala'`` by default; ``_<mech>`` ∈ rala, focused, inline, qt, mirror, infsa selects another
+  mechanism), so cost is linear in the number of pixels at any resolution.
 * ``mavit_{t,s,b,l}`` — official MAViT (MALA): MALA in stages 1–2, softmax in 3–4, projection 2048/2560.
 * ``ravlt_{t,s,b,l}`` — official RAVLT (RALA): RALA in stages 1–2, softmax in 3–4, projection 1024.
 
@@ -427,11 +428,13 @@ _SIZES = {
               layer_scale_init=(1e-6,) * 4, drop_path_rate=0.55),
 }
 _MALA_PROJECTION = {"t": 2048, "s": 2048, "b": 2048, "l": 2560}
+# LinViT variants beyond the default MALA, one per mechanism module in linvision.attn.
+_OTHER_MECHANISMS = ("rala", "focused", "inline", "qt", "mirror", "infsa")
 _RAVLT_FILES = {"t": "RAVLT_T.pth", "s": "RAVLT_S.pth", "b": "RAVLT_B.pth", "l": "RAVLT_L.pth"}
 
 default_cfgs = generate_default_cfgs({
     **{f"linvit_{s}.untrained": _cfg() for s in _SIZES},
-    **{f"linvit_{s}_rala.untrained": _cfg() for s in _SIZES},
+    **{f"linvit_{s}_{m}.untrained": _cfg() for m in _OTHER_MECHANISMS for s in _SIZES},
     # MAViT weights live in the HF repo aldjalkdf/MAViT under file names the authors have not
     # documented (spec §3.5); pass the downloaded file with pretrained_cfg_overlay=dict(file=...).
     **{f"mavit_{s}.in1k": _cfg(**_MALA, notes=("weights: https://huggingface.co/aldjalkdf/MAViT (file names "
@@ -496,6 +499,106 @@ def linvit_b_rala(pretrained: bool = False, **kwargs) -> LinViT:
 @register_model
 def linvit_l_rala(pretrained: bool = False, **kwargs) -> LinViT:
     return _linvit("linvit_l_rala", "l", "rala", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_focused(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_focused", "t", "focused", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_focused(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_focused", "s", "focused", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_focused(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_focused", "b", "focused", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_focused(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_focused", "l", "focused", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_inline(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_inline", "t", "inline", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_inline(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_inline", "s", "inline", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_inline(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_inline", "b", "inline", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_inline(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_inline", "l", "inline", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_qt(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_qt", "t", "qt", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_qt(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_qt", "s", "qt", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_qt(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_qt", "b", "qt", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_qt(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_qt", "l", "qt", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_mirror(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_mirror", "t", "mirror", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_mirror(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_mirror", "s", "mirror", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_mirror(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_mirror", "b", "mirror", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_mirror(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_mirror", "l", "mirror", pretrained, **kwargs)
+
+
+@register_model
+def linvit_t_infsa(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_t_infsa", "t", "infsa", pretrained, **kwargs)
+
+
+@register_model
+def linvit_s_infsa(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_s_infsa", "s", "infsa", pretrained, **kwargs)
+
+
+@register_model
+def linvit_b_infsa(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_b_infsa", "b", "infsa", pretrained, **kwargs)
+
+
+@register_model
+def linvit_l_infsa(pretrained: bool = False, **kwargs) -> LinViT:
+    return _linvit("linvit_l_infsa", "l", "infsa", pretrained, **kwargs)
 
 
 @register_model
