@@ -1,0 +1,176 @@
+"""Atomic checkpoint files: model weights as safetensors, training state as a torch pickle.
+
+Every writer here goes through :func:`atomic_write`: the bytes go to a temporary file in the
+destination's directory, are flushed and fsynced, and only then ``os.replace`` moves the file onto
+its final name (atomic on POSIX when both names are on one filesystem, which a sibling temp file
+guarantees). An interrupted or failing write therefore leaves the previous file intact and never a
+truncated file under the final name (DESIGN.md, "Files written by the project").
+
+Files:
+    ``*.safetensors``: the model's ``state_dict`` (tensors only) plus string metadata; readable by
+        ``timm.models.load_checkpoint`` and ``pretrained_cfg_overlay=dict(file=...)``.
+    ``*_state.pth``: optimizer, scheduler, epoch counters, RNG states and run arguments — plain
+        containers, tensors and numbers only, so it loads with ``torch.load(weights_only=True)``.
+"""
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "atomic_write", "save_weights", "load_weights", "read_weights_metadata",
+    "save_state", "load_state", "capture_rng_state", "restore_rng_state",
+]
+
+PathLike = Union[str, os.PathLike]
+
+# Metadata key under which linvision stores its JSON-encoded run information in a safetensors file.
+_META_KEY = "linvision"
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; some filesystems do not support fsync on a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
+    """Create or replace ``path`` atomically.
+
+    Args:
+        path: the final file name; its directory is created if missing.
+        write: called with a temporary file name in the same directory; it must write the complete
+            file there (it may open, write and close it as it likes).
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    If ``write`` raises (or the process dies), the temporary file is removed (or left as a hidden
+    ``.<name>.*.tmp`` sibling) and ``path`` keeps its previous content, if any.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        # mkstemp creates 0600 files; give the result the mode a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: a KeyboardInterrupt mid-write must not leave the temp file behind either.
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _tensors_for_safetensors(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """CPU, contiguous tensors; a tensor sharing storage with an earlier one (tied weights, views)
+    is cloned, because safetensors refuses tensors whose memory overlaps."""
+    out, seen = {}, set()
+    for name, tensor in state_dict.items():
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            else:
+                seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike,
+                 metadata: Optional[Mapping[str, Any]] = None) -> Path:
+    """Atomically write a model ``state_dict`` as safetensors.
+
+    Args:
+        state_dict: parameter/buffer name -> tensor (any device, any dtype; stored as is).
+        path: destination, conventionally ``*.safetensors``.
+        metadata: JSON-serialisable run information (model name, classes, input size, epoch…),
+            stored as one JSON string and returned by :func:`read_weights_metadata`.
+    """
+    tensors = _tensors_for_safetensors(state_dict)
+    header = {"format": "pt"}  # what timm/transformers expect for torch-written files
+    if metadata:
+        header[_META_KEY] = json.dumps(dict(metadata), sort_keys=True)
+    # Looked up at call time (not bound at import) so tests can simulate a failing serializer.
+    return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata :func:`save_weights` stored in ``path``; ``{}`` for other files (``.pth``,
+    foreign safetensors)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(_META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def load_weights(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """Read a ``state_dict`` written by :func:`save_weights` (any safetensors file)."""
+    from safetensors.torch import load_file
+    return load_file(str(path), device=str(device))
+
+
+def save_state(state: Mapping[str, Any], path: PathLike) -> Path:
+    """Atomically ``torch.save`` a training-state dict (optimizer, scheduler, counters, RNG…)."""
+    return atomic_write(path, lambda tmp: torch.save(dict(state), tmp))
+
+
+def load_state(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """Load a training-state dict written by :func:`save_state` (``weights_only=True``)."""
+    return torch.load(str(path), map_location=device, weights_only=True)
+
+
+def capture_rng_state() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU and CUDA generator states, in ``weights_only``-loadable form."""
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        # The MT19937 key is an ndarray, which weights_only loading rejects; store it as a tensor.
+        "numpy": {"bit_generator": np_state["bit_generator"],
+                  "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                  "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`; CUDA states are restored only where a GPU is present."""
+    random.setstate(state["python"])
+    npst = state["numpy"]
+    np.random.set_state({"bit_generator": npst["bit_generator"],
+                         "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+                         "has_gauss": npst["has_gauss"], "gauss": npst["gauss"]})
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

@@ -1,0 +1,251 @@
+"""End-to-end tests of tools/train.py and tools/eval.py on a tiny generated ImageFolder, plus the
+atomic checkpoint writers they rely on. CPU, one thread, linvit_t at 32x32."""
+import importlib.util
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from linvision import checkpoint as ckpt
+from linvision import engine
+from linvision.engine import BEST_WEIGHTS, LAST_STATE, LAST_WEIGHTS, SUMMARY
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("circle", "square", "stripes")
+COMMON = ["--model", "linvit_t", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+          "--warmup-epochs", "0", "--lr", "1e-3", "--seed", "0", "--no-progress"]
+
+
+def _tool(name: str):
+    """Import tools/<name>.py as a module (tools/ is not a package); its ``main(argv)`` is the CLI."""
+    spec = importlib.util.spec_from_file_location(f"_linvision_tool_{name}", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _image(kind: str, rng: np.random.Generator) -> Image.Image:
+    """A 16x16 RGB image whose shape depends on the class, with random colour and noise."""
+    yy, xx = np.mgrid[:16, :16]
+    if kind == "circle":
+        mask = (yy - 8) ** 2 + (xx - 8) ** 2 < 30
+    elif kind == "square":
+        mask = (abs(yy - 8) < 5) & (abs(xx - 8) < 5)
+    else:
+        mask = (xx // 2) % 2 == 0
+    colour = rng.integers(80, 256, size=3)
+    img = mask[..., None] * colour + rng.integers(0, 40, size=(16, 16, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """DATA/{train,val}/<class>/*.png: 3 classes, 8 train and 4 val images each."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 4)):
+        for c in CLASSES:
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                _image(c, rng).save(root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(image_folder, tmp_path_factory):
+    """One epoch of training into a fresh output directory: (output dir, train's return value)."""
+    out = tmp_path_factory.mktemp("run")
+    return out, _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
+                                              "--output", str(out)])
+
+
+def test_train_writes_checkpoints(trained):
+    out, result = trained
+    for name in (LAST_WEIGHTS, BEST_WEIGHTS, LAST_STATE, SUMMARY):
+        assert (out / name).is_file(), name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+    assert result["epochs_run"] == 1 and result["best_epoch"] == 1
+    assert 0.0 <= result["best_top1"] <= 100.0
+    meta = ckpt.read_weights_metadata(out / BEST_WEIGHTS)
+    assert meta["model"] == "linvit_t" and meta["classes"] == list(CLASSES) and meta["epoch"] == 0
+    state = ckpt.load_state(out / LAST_STATE)
+    assert state["epoch"] == 0 and state["num_updates"] == 3  # 24 images / batch 8
+    assert {"optimizer", "scheduler", "rng", "args"} <= set(state)
+
+
+def test_eval_prints_metrics(trained, image_folder, capsys):
+    out, result = trained
+    metrics = _tool("eval").main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(image_folder),
+                                  "--workers", "0", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "top-1" in printed and "top-5" in printed and "img/s" in printed
+    assert metrics["num_images"] == 12
+    # Same weights and preprocessing (read back from the checkpoint's metadata) as train's val pass.
+    assert metrics["top1"] == pytest.approx(result["last"]["top1"])
+    assert metrics["top5"] == 100.0  # 3 classes: top-5 is top-3
+
+
+def test_eval_pth_checkpoint_on_split_folder(trained, image_folder, tmp_path):
+    out, result = trained
+    # A foreign-style .pth (no metadata): the model flags must be given; the defaults here match
+    # what training used (the model's default crop and normalisation).
+    pth = tmp_path / "weights.pth"
+    torch.save({"state_dict": ckpt.load_weights(out / BEST_WEIGHTS)}, pth)
+    metrics = _tool("eval").main(["--model", "linvit_t", "--num-classes", "3", "--img-size", "32",
+                                  "--checkpoint", str(pth), "--data-dir", str(image_folder / "val"),
+                                  "--workers", "0", "--no-progress"])
+    assert metrics["num_images"] == 12
+    assert metrics["top1"] == pytest.approx(result["last"]["top1"])
+
+
+def test_eval_rejects_state_file(trained, image_folder):
+    out, _ = trained
+    with pytest.raises(SystemExit) as e:
+        _tool("eval").main(["--checkpoint", str(out / LAST_STATE), "--data-dir", str(image_folder)])
+    assert "training-state file" in str(e.value.code)
+
+
+def test_resume_continues_from_saved_epoch(image_folder, tmp_path, capsys, monkeypatch):
+    train = _tool("train")
+    args = COMMON + ["--data-dir", str(image_folder), "--epochs", "2"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train.main(args + ["--output", str(straight)])
+
+    # The same run killed during its second epoch ...
+    real_epoch, calls = engine.train_one_epoch, []
+
+    def killed_in_second_epoch(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*a, **kw)
+
+    monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--output", str(resumed)])
+    monkeypatch.undo()
+    assert ckpt.load_state(resumed / LAST_STATE)["epoch"] == 0
+
+    # ... and restarted with --resume auto runs only the second epoch.
+    capsys.readouterr()
+    result = train.main(args + ["--output", str(resumed), "--resume", "auto"])
+    printed = capsys.readouterr().out
+    epoch_lines = [line.split()[1] for line in printed.splitlines() if line.startswith("epoch ")]
+    assert "resumed from" in printed and epoch_lines == ["2/2"]
+    assert result["epochs_run"] == 1
+    assert ckpt.load_state(resumed / LAST_STATE)["epoch"] == 1
+    assert len((resumed / SUMMARY).read_text().strip().splitlines()) == 3  # header + 2 epochs
+    # Weights, optimizer, schedule position and RNG states are all restored, so the resumed run
+    # ends exactly where the uninterrupted one does.
+    a, b = ckpt.load_weights(straight / LAST_WEIGHTS), ckpt.load_weights(resumed / LAST_WEIGHTS)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_resume_auto_without_state_starts_fresh(image_folder, tmp_path, capsys):
+    result = _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
+                                           "--output", str(tmp_path), "--resume", "auto"])
+    assert result["epochs_run"] == 1 and "resumed" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("missing", "data directory not found"),
+    ("no_val", "has no 'val' folder"),
+    ("flat", "holds images directly"),
+])
+def test_bad_data_layout_gives_clear_error(layout, message, image_folder, tmp_path):
+    data = tmp_path / "data"
+    if layout == "no_val":
+        (data / "train" / "a").mkdir(parents=True)
+        _image("circle", np.random.default_rng(0)).save(data / "train" / "a" / "0.png")
+    elif layout == "flat":
+        for split in ("train", "val"):
+            (data / split).mkdir(parents=True)
+            _image("circle", np.random.default_rng(0)).save(data / split / "0.png")
+    with pytest.raises(SystemExit) as e:
+        _tool("train").main(COMMON + ["--data-dir", str(data), "--output", str(tmp_path / "out")])
+    assert message in str(e.value.code)
+
+
+def test_config_rejects_unknown_keys(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("epochs: 1\nlearning_rate: 0.1\n")
+    with pytest.raises(SystemExit) as e:
+        _tool("train").parse_args(["-c", str(config), "--data-dir", str(tmp_path)])
+    assert e.value.code == 2 and "learning_rate" in capsys.readouterr().err
+
+
+def test_config_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "cfg.yaml"
+    config.write_text("epochs: 3\nlr: 0.01\ndata_dir: /somewhere\nscale: [0.5, 1.0]\n")
+    args = _tool("train").parse_args(["-c", str(config), "--lr", "0.02"])
+    assert (args.epochs, args.lr, args.data_dir, args.scale) == (3, 0.02, "/somewhere", [0.5, 1.0])
+
+
+def _failing_serializer(tmp_arg_index: int):
+    """A stand-in serializer that writes half a file, then dies like a full disk or a kill would."""
+    def fail(*args, **kwargs):
+        with open(args[tmp_arg_index], "wb") as f:
+            f.write(b"partial")
+        raise OSError("simulated crash mid-write")
+    return fail
+
+
+def test_atomic_weights_save_keeps_previous_file(tmp_path, monkeypatch):
+    good = {"w": torch.arange(6.0).reshape(2, 3)}
+    target = tmp_path / "last.safetensors"
+    ckpt.save_weights(good, target, {"epoch": 0})
+    before = target.read_bytes()
+
+    monkeypatch.setattr(ckpt, "save_file", _failing_serializer(1))
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_weights({"w": torch.zeros(2, 3)}, target, {"epoch": 1})
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_weights(good, tmp_path / "new.safetensors")
+
+    assert target.read_bytes() == before
+    torch.testing.assert_close(ckpt.load_weights(target)["w"], good["w"])
+    assert ckpt.read_weights_metadata(target) == {"epoch": 0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]  # no new file, no temp
+
+
+def test_atomic_state_save_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "last_state.pth"
+    ckpt.save_state({"epoch": 3, "rng": ckpt.capture_rng_state()}, target)
+    monkeypatch.setattr(torch, "save", _failing_serializer(1))
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt.save_state({"epoch": 4}, target)
+    monkeypatch.undo()
+    assert ckpt.load_state(target)["epoch"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["last_state.pth"]
+
+
+def test_rng_state_round_trip():
+    state = ckpt.capture_rng_state()
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(5)
+    ckpt.restore_rng_state(state)
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(got[0], expected[0])
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert got[2] == expected[2]
+
+
+def test_written_files_follow_umask(tmp_path):
+    path = ckpt.save_weights({"w": torch.ones(1)}, tmp_path / "w.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_tied_weights_are_saved(tmp_path):
+    shared = torch.arange(4.0)
+    path = ckpt.save_weights({"embed": shared, "head": shared, "half": shared[2:]}, tmp_path / "tied.safetensors")
+    loaded = ckpt.load_weights(path)
+    torch.testing.assert_close(loaded["head"], shared)
+    torch.testing.assert_close(loaded["half"], shared[2:])
