@@ -33,7 +33,7 @@ __all__ = ["linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "fe
 
 NORMALIZATIONS = ("division", "magnitude_aware", "injective", "none")
 FEATURE_MAPS = ("identity", "relu", "elu1")
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -132,12 +132,29 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
         eps: added to the normaliser (division and magnitude-aware forms).
         key_weights: optional ``(B, H, N)`` per-key weights ``w_j`` (RALA's ``N·α_j``).
         rope: optional :class:`RopeGrid`; rotates φ(q), φ(k) in the numerator only (needs d % 4 == 0).
-        backend: ``"torch"`` (reference) or ``"auto"`` (the fastest available for the device).
+        backend: ``"torch"`` (reference), ``"triton"`` (fused kernels, ``linvision.attn.ops``; CUDA tensors,
+            or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors with
+            head dims ≤ 128, the reference otherwise).
     Returns:
         ``(B, H, N, dv)`` in ``v.dtype``.
     """
     check_inputs(q, k, v, key_weights, rope, normalization, feature_map)
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if q.is_cuda and _triton_supports(q, v) else "torch"
+    if backend == "triton":
+        from .ops import linear_attention_triton  # lazy: importing linvision never touches Triton
+
+        return linear_attention_triton(q, k, v, normalization=normalization, feature_map=feature_map, scale=scale,
+                                       eps=eps, key_weights=key_weights, rope=rope)
     return linear_attention_torch(q, k, v, normalization=normalization, feature_map=feature_map, scale=scale,
                                   eps=eps, key_weights=key_weights, rope=rope)
+
+
+def _triton_supports(q: Tensor, v: Tensor) -> bool:
+    try:
+        from .ops import supports
+    except ImportError:  # no usable Triton: the reference serves every device
+        return False
+    return supports(q, v)

@@ -1,0 +1,238 @@
+"""Pieces shared by the forward and backward linear-attention kernels.
+
+* ``feature``/``feature_grad``: the elementwise feature maps φ (0 identity, 1 relu, 2 elu1 = ELU+1)
+  and their derivatives, in float32.
+* ``rope``: numerator-only 2-D RoPE computed in-kernel from the ``(d/2,)`` angle buffer and the
+  grid width (no sin/cos tables in HBM); ``INVERSE`` applies ``Rᵀ`` (for gradients).
+* launch policy: how many programs split the token axis (``reduce_splits``/``token_grid``) and
+  the autotune config lists (one config under ``TRITON_INTERPRET=1``, whose autotuner cannot bench).
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+FEATURE_IDS = {"identity": 0, "relu": 1, "elu1": 2}
+NORMALIZATION_IDS = {"division": 0, "magnitude_aware": 1, "injective": 2, "none": 3}
+MAX_HEAD_DIM = 128
+
+# Set by tests to force a number of token splits (exercises the fp32-atomic reduction on tiny inputs).
+FORCE_SPLITS: Optional[int] = None
+# Reduction (state) kernels: programs per SM aimed at, and fewest tokens per program (keeps the
+# fp32 partial-state atomics small relative to the token traffic).
+REDUCE_PROGRAMS_PER_SM = 4
+REDUCE_MIN_TOKENS = 512
+# Programs adding into one copy of a head's state: more splits than this add into several fp32
+# copies (summed afterwards), since atomics on one address serialise.
+REDUCE_SPLITS_PER_COPY = 32
+# Token-parallel kernels: up to this many programs per SM, each looping over a run of tiles
+# (with the next tile's loads issued before the current tile is computed).
+TOKEN_PROGRAMS_PER_SM = 4
+
+DOT_MODES = {"tf32x3": 0, "tf32": 1, "bf16": 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_configs(kind: str) -> List[triton.Config]:
+    """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``).
+
+    One config under the interpreter (its autotuner needs a GPU driver to bench) or when
+    ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests); otherwise a small sweep over the
+    token-tile size ``BN``, warps and pipeline depth.
+    """
+    if interpreting():
+        return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
+    if os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
+    if kind == "reduce":
+        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1)]
+    else:
+        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)]
+    return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1            # interpreter: fewest programs is fastest
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def reduce_splits(bh: int, n: int, device: torch.device) -> int:
+    """Programs per head for kernels that reduce over tokens (partial states summed by fp32 atomics)."""
+    if FORCE_SPLITS is not None:
+        return max(1, min(FORCE_SPLITS, n))
+    want = triton.cdiv(REDUCE_PROGRAMS_PER_SM * num_sms(device), bh)
+    return max(1, min(want, triton.cdiv(n, REDUCE_MIN_TOKENS)))
+
+
+def reduce_buffer(bh: int, size: int, splits: int, device: torch.device):
+    """fp32 buffer for the partial states of ``splits`` programs per head: ``(copies, B·H, size)``,
+    zeroed when programs add into it (``splits > 1``). Returns ``(buffer, copies)``."""
+    if splits == 1:
+        return torch.empty((1, bh, size), device=device, dtype=torch.float32), 1
+    copies = triton.cdiv(splits, REDUCE_SPLITS_PER_COPY)
+    return torch.zeros((copies, bh, size), device=device, dtype=torch.float32), copies
+
+
+def token_grid(bh: int, n: int, device: torch.device):
+    """Grid of a token-parallel kernel: ``(B·H, splits)``, at most one program per ``BN`` tokens."""
+    if FORCE_SPLITS is not None:
+        want = FORCE_SPLITS
+    else:
+        want = triton.cdiv(TOKEN_PROGRAMS_PER_SM * num_sms(device), bh)
+    return lambda meta: (bh, max(1, min(want, triton.cdiv(n, meta["BN"]))))
+
+
+def dot_mode(*tensors: torch.Tensor) -> int:
+    """How the kernels multiply: bf16 operands for bf16 inputs (what the inputs carry anyway); tf32
+    operands for fp16 inputs (fp16's range cannot hold every w·φ(k) product); 3×tf32 (≈ fp32) for
+    fp32 inputs and under the interpreter (whose bf16 ``tl.dot`` is wrong). fp32 accumulation always.
+    ``LINVISION_TRITON_DOT`` (tf32x3 | tf32 | bf16) overrides, for experiments."""
+    override = os.environ.get("LINVISION_TRITON_DOT")
+    if interpreting():
+        return DOT_MODES["tf32x3"]
+    if override:
+        return DOT_MODES[override]
+    dtypes = {t.dtype for t in tensors}
+    if dtypes == {torch.bfloat16}:
+        return DOT_MODES["bf16"]
+    if torch.float32 in dtypes:
+        return DOT_MODES["tf32x3"]
+    return DOT_MODES["tf32"]
+
+
+_TUNED: dict = {}
+
+
+def launch(kernel, grid, args: tuple, consts: dict) -> None:
+    """Launch an autotuned kernel. The first call for a (kernel, constexprs, dtypes) key goes through
+    ``triton.autotune`` (which benchmarks and picks a config); later calls launch the JIT function
+    directly with that config, skipping the Autotuner's per-call bookkeeping (tens of µs of host time
+    per launch, measured, on an op whose device time is tens of µs)."""
+    key = (id(kernel), tuple(consts.values()), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    config = _TUNED.get(key)
+    if config is None:
+        kernel[grid](*args, **consts)
+        _TUNED[key] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **consts, **config.all_kwargs())
+
+
+def block(dim: int) -> int:
+    """Register block for a head dim: the next power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+# ---------------------------------------------------------------------------------------------
+# In-kernel helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def mm(a, b, DOT_MODE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation; operands as ``DOT_MODE`` says (see :func:`dot_mode`)."""
+    if DOT_MODE == 2:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    elif DOT_MODE == 1:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32")
+    else:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+    return out
+
+
+@triton.jit
+def first_column(BN: tl.constexpr):
+    """``(BN, 16)`` float32 with ones in column 0: ``xᵀ @ first_column`` sums x over its rows on the
+    tensor cores, without the cross-warp reduction (and barrier) of ``tl.sum`` in every tile."""
+    return (tl.arange(0, 16)[None, :] == 0).to(tl.float32) + tl.zeros((BN, 16), dtype=tl.float32)
+
+
+@triton.jit
+def column0(x):
+    """Column 0 of a ``(M, 16)`` accumulator, as an ``(M,)`` vector."""
+    return tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, x, 0.0), axis=1)
+
+@triton.jit
+def feature(x, FEATURE: tl.constexpr):
+    if FEATURE == 1:
+        x = tl.maximum(x, 0.0)
+    elif FEATURE == 2:
+        x = tl.where(x > 0, x + 1.0, tl.exp(x))
+    return x
+
+
+@triton.jit
+def feature_grad(x, FEATURE: tl.constexpr):
+    """dφ/dx (relu: 0 at x = 0, as torch's relu backward)."""
+    if FEATURE == 0:
+        g = tl.full(x.shape, 1.0, tl.float32)
+    elif FEATURE == 1:
+        g = tl.where(x > 0, 1.0, 0.0)
+    else:
+        g = tl.where(x > 0, 1.0, tl.exp(x))
+    return g
+
+
+if interpreting():
+    @triton.jit
+    def _sin(x):
+        return tl.sin(x)
+
+    @triton.jit
+    def _cos(x):
+        return tl.cos(x)
+else:
+    # The SFU's sin/cos (max abs error ~5e-7 on [-π, π]); ``tl.sin`` would lower to libdevice's
+    # full-range sinf, several times the instructions. The interpreter cannot run inline PTX.
+    @triton.jit
+    def _sin(x):
+        return tl.inline_asm_elementwise("sin.approx.f32 $0, $1;", constraints="=f,f", args=[x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+    @triton.jit
+    def _cos(x):
+        return tl.inline_asm_elementwise("cos.approx.f32 $0, $1;", constraints="=f,f", args=[x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def rope(x, rows, angle_ptr, width, D: tl.constexpr, BD: tl.constexpr, BN: tl.constexpr,
+         INVERSE: tl.constexpr):
+    """Rotate adjacent channel pairs of ``x`` (``(BN, BD)`` float32, token indices ``rows``).
+
+    Token ``t = y*width + x``; pair ``(2m, 2m+1)`` turns by ``y*angle[2m]`` when ``2m < D/2`` and by
+    ``x*angle[2m - D/2]`` otherwise (linvision.attn.rope). The fp32 product ``pos*angle`` is the
+    same as the reference tables'; it is reduced to [-π, π] (Cody-Waite, 2π = C1 + C2 with C1 exact
+    in few bits) so that the hardware (SFU) sin/cos stay accurate for large positions.
+    """
+    m = tl.arange(0, BD // 2)
+    c = 2 * m
+    is_row = c < D // 2
+    idx = tl.where(is_row, c, c - D // 2)
+    ang = tl.load(angle_ptr + idx, mask=c < D, other=0.0).to(tl.float32)
+    ypos = (rows // width).to(tl.float32)
+    xpos = (rows % width).to(tl.float32)
+    pos = tl.where(is_row[None, :], ypos[:, None], xpos[:, None])
+    theta = pos * ang[None, :]
+    turns = tl.floor(theta * 0.15915494309189535 + 0.5)
+    r = (theta - turns * 6.28125) - turns * 0.0019353071795864769
+    cs = _cos(r)
+    sn = _sin(r)
+    if INVERSE:
+        sn = -sn
+    xe, xo = tl.split(tl.reshape(x, (BN, BD // 2, 2)))
+    re = xe * cs - xo * sn
+    ro = xo * cs + xe * sn
+    return tl.reshape(tl.join(re, ro), (BN, BD))

@@ -1,0 +1,357 @@
+"""Backward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``).
+
+With upstream gradient ``g = ∂L/∂out`` the backward is again two passes over the tokens (q-side
+then k/v-side), reading each input and writing each gradient once — no per-token intermediates
+(``n_i``, ``z_i`` are recomputed from q and the saved fp32 state, never stored):
+
+1. ``_bwd_q_kernel`` — grid ``(B·H, splits)``; per token i, from φq_i, g_i and the state:
+   ``z_i``, ``n_i`` → ``dn_i``, ``dz_i`` (by normalisation), then ``dq_i`` directly and the fp32
+   reductions ``dS = Σ_i Rφq_iᵀ dn_i``, ``dk̄ = c Σ_i dz_i φq_i``, ``dv̄ = Σ_i γ_i g_i``
+   (γ = −z for magnitude-aware, 1 − z for injective); partials added with fp32 atomics.
+2. ``_bwd_kv_kernel`` — grid ``(B·H, splits)``; per key j:
+   ``dv_j = (c/N) Rφk_jw_j·dS + dv̄/N``, ``d(w φk)_j = (c/N) Rᵀ(dS v_j) + dk̄/N``,
+   ``dw_j = φk_j·d(wφk)_j``, ``dk_j = φ'(k_j) ⊙ w_j d(wφk)_j``.
+
+Per-token terms: division ``dn = g/(z+ε)``, ``dz = −(g·n)/(z+ε)²``; magnitude-aware
+``dn = g(1 + 1/(z+ε))``, ``dz = −(g·n)/(z+ε)² − g·v̄``; injective ``dn = g``, ``dz = −g·v̄``;
+none ``dn = g``. The gradient buffer ``(B·H, d·dv + d + dv)`` mirrors the forward state layout.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+                     feature_grad, interpreting, launch, mm, reduce_buffer, reduce_splits, rope, token_grid)
+from ..core import _combine, feature_map_fn
+from ..rope import apply_rope, rope_tables
+from .linear_attn_fwd import state_size
+
+__all__ = ["linear_attention_bwd", "backward_q", "backward_kv"]
+
+
+@triton.autotune(configs=autotune_configs("reduce"),
+                 key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "ATOMIC", "DOT_MODE"], reset_to_zero=["dstate_ptr"])
+@triton.jit(do_not_specialize=["N", "W", "COPIES"])
+def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
+                  sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, sdb, sdh, sdn, sdd,
+                  H, N, W, COPIES, copy_stride, scale, eps,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                  FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * sqb + h * sqh
+    g_base = g_ptr + b * sgb + h * sgh
+    dq_base = dq_ptr + b * sdb + h * sdh
+
+    cols = tl.arange(0, BD)
+    vcols = tl.arange(0, BDV)
+    cmask = cols < D
+    vmask = vcols < DV
+    smask = cmask[:, None] & vmask[None, :]
+    s_base = state_ptr + pid_bh * (D * DV + D + DV)
+    state = tl.load(s_base + cols[:, None] * DV + vcols[None, :], mask=smask, other=0.0)
+    if DOT_MODE == 2:
+        state = state.to(tl.bfloat16)
+    kbar = tl.load(s_base + D * DV + cols, mask=cmask, other=0.0) * scale
+    if NORM == 1 or NORM == 2:
+        vbar = tl.load(s_base + D * DV + D + vcols, mask=vmask, other=0.0)
+
+    col16 = tl.arange(0, 16)[None, :] == 0
+    dstate = tl.zeros((BD, BDV), dtype=tl.float32)
+    dk_acc = tl.zeros((BD, 16), dtype=tl.float32)
+    dv_acc = tl.zeros((BDV, 16), dtype=tl.float32)
+
+    n_tiles = tl.cdiv(N, BN)
+    per = tl.cdiv(n_tiles, tl.num_programs(1))
+    t_lo = pid_s * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+    row_end = tl.minimum(t_hi * BN, N)
+    rows = t_lo * BN + tl.arange(0, BN)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there.
+    gx = tl.load(g_base + rows64[:, None] * sgn + vcols[None, :] * sgd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    for _ in range(t_lo, t_hi):
+        nrows = rows + BN
+        nmask = nrows < row_end
+        nrows64 = nrows.to(tl.int64)
+        qx_next = tl.load(q_base + nrows64[:, None] * sqn + cols[None, :] * sqd, mask=nmask[:, None] & cmask[None, :],
+                          other=0.0)
+        gx_next = tl.load(g_base + nrows64[:, None] * sgn + vcols[None, :] * sgd,
+                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+
+        qmask = rmask[:, None] & cmask[None, :]
+        q32 = qx.to(tl.float32)
+        g = gx.to(tl.float32)
+        qf = tl.where(qmask, feature(q32, FEATURE), 0.0)
+        qr = qf
+        if ROPE:
+            qr = rope(qf, rows, angle_ptr, W, D, BD, BN, False)
+        if NORM != 3:
+            z = tl.sum(qf * kbar[None, :], axis=1)
+        if NORM == 0 or NORM == 1:
+            num = mm(qr, state, DOT_MODE)
+            inv = 1.0 / (z + eps)
+            gn = tl.sum(g * num, axis=1)
+            if NORM == 0:
+                dn = g * inv[:, None]
+                dz = -gn * inv * inv
+            else:
+                dn = g * (1.0 + inv)[:, None]
+                dz = -gn * inv * inv - tl.sum(g * vbar[None, :], axis=1)
+                dv_acc += mm(tl.trans(g), tl.where(col16, -z[:, None], 0.0), DOT_MODE)
+        elif NORM == 2:
+            dn = g
+            dz = -tl.sum(g * vbar[None, :], axis=1)
+            dv_acc += mm(tl.trans(g), tl.where(col16, (1.0 - z)[:, None], 0.0), DOT_MODE)
+        else:
+            dn = g
+        dstate += mm(tl.trans(qr), dn, DOT_MODE)
+        dqf = mm(dn, tl.trans(state), DOT_MODE)
+        if ROPE:
+            dqf = rope(dqf, rows, angle_ptr, W, D, BD, BN, True)
+        if NORM != 3:
+            dqf += dz[:, None] * kbar[None, :]
+            dk_acc += mm(tl.trans(qf), tl.where(col16, dz[:, None], 0.0), DOT_MODE)
+        dq = dqf * feature_grad(q32, FEATURE)
+        tl.store(dq_base + rows64[:, None] * sdn + cols[None, :] * sdd, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+
+        rows = nrows
+        rmask = nmask
+        rows64 = nrows64
+        qx = qx_next
+        gx = gx_next
+
+    d_base = dstate_ptr + (pid_s % COPIES).to(tl.int64) * copy_stride + pid_bh * (D * DV + D + DV)
+    d_ptrs = d_base + cols[:, None] * DV + vcols[None, :]
+    dkbar = column0(dk_acc) * scale
+    if ATOMIC:
+        tl.atomic_add(d_ptrs, dstate, mask=smask, sem="relaxed")
+        tl.atomic_add(d_base + D * DV + cols, dkbar, mask=cmask, sem="relaxed")
+        if NORM == 1 or NORM == 2:
+            tl.atomic_add(d_base + D * DV + D + vcols, column0(dv_acc), mask=vmask, sem="relaxed")
+    else:
+        tl.store(d_ptrs, dstate, mask=smask)
+        tl.store(d_base + D * DV + cols, dkbar, mask=cmask)
+        if NORM == 1 or NORM == 2:
+            tl.store(d_base + D * DV + D + vcols, column0(dv_acc), mask=vmask)
+
+
+@triton.autotune(configs=autotune_configs("token"),
+                 key=["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "DOT_MODE"])
+@triton.jit(do_not_specialize=["N", "W"])
+def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, dw_ptr,
+                   skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
+                   sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdwb, sdwh, sdwn,
+                   H, N, W, state_scale, inv_n,
+                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                   FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
+                   DOT_MODE: tl.constexpr, BN: tl.constexpr):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    w_base = w_ptr + b * swb + h * swh
+    dk_base = dk_ptr + b * sdkb + h * sdkh
+    dv_base = dv_ptr + b * sdvb + h * sdvh
+    dw_base = dw_ptr + b * sdwb + h * sdwh
+
+    cols = tl.arange(0, BD)
+    vcols = tl.arange(0, BDV)
+    cmask = cols < D
+    vmask = vcols < DV
+    n_tiles = tl.cdiv(N, BN)
+    per = tl.cdiv(n_tiles, tl.num_programs(1))
+    t_lo = pid_s * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+    row_end = tl.minimum(t_hi * BN, N)
+    rows = t_lo * BN + tl.arange(0, BN)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    if HAS_W:
+        wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
+
+    d_base = dstate_ptr + pid_bh * (D * DV + D + DV)
+    dstate = tl.load(d_base + cols[:, None] * DV + vcols[None, :], mask=cmask[:, None] & vmask[None, :], other=0.0)
+    if DOT_MODE == 2:
+        dstate = dstate.to(tl.bfloat16)
+    dkbar = tl.load(d_base + D * DV + cols, mask=cmask, other=0.0) * inv_n
+    if NEED_VMEAN:
+        dvbar = tl.load(d_base + D * DV + D + vcols, mask=vmask, other=0.0) * inv_n
+
+    for _ in range(t_lo, t_hi):
+        nrows = rows + BN
+        nmask = nrows < row_end
+        nrows64 = nrows.to(tl.int64)
+        kx_next = tl.load(k_base + nrows64[:, None] * skn + cols[None, :] * skd, mask=nmask[:, None] & cmask[None, :],
+                          other=0.0)
+        vx_next = tl.load(v_base + nrows64[:, None] * svn + vcols[None, :] * svd,
+                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        if HAS_W:
+            wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
+
+        kmask = rmask[:, None] & cmask[None, :]
+        k32 = kx.to(tl.float32)
+        kf = tl.where(kmask, feature(k32, FEATURE), 0.0)
+        kw = kf
+        if HAS_W:
+            w32 = wx.to(tl.float32)
+            kw = kf * w32[:, None]
+        if ROPE:
+            kw = rope(kw, rows, angle_ptr, W, D, BD, BN, False)
+        dvx = mm(kw, dstate, DOT_MODE) * state_scale
+        if NEED_VMEAN:
+            dvx += dvbar[None, :]
+        dkw = mm(vx, tl.trans(dstate), DOT_MODE) * state_scale
+        if ROPE:
+            dkw = rope(dkw, rows, angle_ptr, W, D, BD, BN, True)
+        dkw += dkbar[None, :]
+        if HAS_W:
+            dwx = tl.sum(tl.where(kmask, kf * dkw, 0.0), axis=1)
+            tl.store(dw_base + rows64 * sdwn, dwx.to(dw_ptr.dtype.element_ty), mask=rmask)
+            dkw = dkw * w32[:, None]
+        dk = dkw * feature_grad(k32, FEATURE)
+        tl.store(dk_base + rows64[:, None] * sdkn + cols[None, :] * sdkd, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dv_base + rows64[:, None] * sdvn + vcols[None, :] * sdvd, dvx.to(dv_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & vmask[None, :])
+
+        rows = nrows
+        rmask = nmask
+        rows64 = nrows64
+        kx = kx_next
+        vx = vx_next
+        if HAS_W:
+            wx = wx_next
+
+
+def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor],
+                         rope_angle: Optional[Tensor], state: Tensor, rope_width: int, normalization: str,
+                         feature_map: str, scale: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Gradients ``(dq, dk, dv, dw)`` (dtypes of q, k, v, key_weights; ``dw`` None without weights)."""
+    mode = dot_mode(q, k, v)
+    if mode == 0 and max(q.shape[-1], v.shape[-1]) > 64 and not interpreting():
+        # 3×tf32 products of wide fp32 tiles need more shared memory than a Hopper SM has
+        # (330–450 KB): fp32 inputs with head dims > 64 take the backward in PyTorch (exact, slower).
+        dq, dstate = _backward_q_torch(grad_out, q, state, rope_angle, rope_width, normalization, feature_map,
+                                       scale, eps)
+        dk, dv, dw = _backward_kv_torch(k, v, key_weights, rope_angle, dstate, rope_width, normalization,
+                                        feature_map, scale)
+        return dq, dk, dv, dw
+    dq, dstate = backward_q(grad_out, q, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
+    dk, dv, dw = backward_kv(k, v, key_weights, rope_angle, dstate, rope_width, normalization, feature_map, scale,
+                             mode)
+    return dq, dk, dv, dw
+
+
+def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
+               normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tuple[Tensor, Tensor]:
+    """Backward pass 1: ``dq`` and the fp32 gradient of the state ``(B·H, d·dv + d + dv)``."""
+    bsz, heads, n, d = q.shape
+    dv_dim = grad_out.shape[-1]
+    bh = bsz * heads
+    ns = reduce_splits(bh, n, q.device)
+    buf, copies = reduce_buffer(bh, state_size(d, dv_dim), ns, q.device)
+    dq = torch.empty((bsz, heads, n, d), device=q.device, dtype=q.dtype)
+    launch(_bwd_q_kernel, lambda meta: (bh, max(1, min(ns, triton.cdiv(n, meta["BN"])))), (
+        q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf,
+        *q.stride(), *grad_out.stride(), *dq.stride(),
+        heads, n, max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(
+        D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
+        NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=ns > 1, DOT_MODE=mode))
+    dstate = buf[0] if copies == 1 else buf.sum(0)
+    return dq, dstate
+
+
+def _backward_q_torch(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
+                      normalization: str, feature_map: str, scale: float, eps: float) -> Tuple[Tensor, Tensor]:
+    """PyTorch twin of :func:`backward_q` (autograd through the q-side of the forward, in fp32)."""
+    bsz, heads, n, d = q.shape
+    dv_dim = grad_out.shape[-1]
+    s_mat = state[:, :d * dv_dim].view(bsz, heads, d, dv_dim).detach().requires_grad_()
+    k_mean = state[:, d * dv_dim:d * dv_dim + d].view(bsz, heads, 1, d).detach().requires_grad_()
+    v_mean = state[:, d * dv_dim + d:].view(bsz, heads, 1, dv_dim).detach().requires_grad_()
+    uses_vmean = normalization in ("magnitude_aware", "injective")
+    with torch.enable_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+        qf32 = q.detach().float().requires_grad_()
+        qf = feature_map_fn(feature_map, qf32)
+        z = (qf * k_mean).sum(-1) * scale
+        if rope_angle is not None:
+            sin, cos = rope_tables(rope_angle, n // rope_width, rope_width)
+            qf = apply_rope(qf, sin, cos)
+        out = _combine(qf @ s_mat, z, v_mean if uses_vmean else None, normalization, eps)
+        leaves = (qf32, s_mat, k_mean) + ((v_mean,) if uses_vmean else ())
+        grads = torch.autograd.grad(out, leaves, grad_out.float(), allow_unused=True)
+    dstate = torch.zeros_like(state)
+    dstate[:, :d * dv_dim] = grads[1].reshape(bsz * heads, -1)
+    if grads[2] is not None:
+        dstate[:, d * dv_dim:d * dv_dim + d] = grads[2].reshape(bsz * heads, -1)
+    if uses_vmean:
+        dstate[:, d * dv_dim + d:] = grads[3].reshape(bsz * heads, -1)
+    return grads[0].to(q.dtype), dstate
+
+
+def _backward_kv_torch(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
+                       dstate: Tensor, rope_width: int, normalization: str, feature_map: str,
+                       scale: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """PyTorch twin of :func:`backward_kv` (autograd through the k/v-side of the forward, in fp32)."""
+    bsz, heads, n, d = k.shape
+    dv_dim = v.shape[-1]
+    uses_vmean = normalization in ("magnitude_aware", "injective")
+    with torch.enable_grad(), torch.autocast(device_type=k.device.type, enabled=False):
+        k32 = k.detach().float().requires_grad_()
+        v32 = v.detach().float().requires_grad_()
+        w32 = key_weights.detach().float().requires_grad_() if key_weights is not None else None
+        kf = feature_map_fn(feature_map, k32)
+        if w32 is not None:
+            kf = kf * w32.unsqueeze(-1)
+        k_mean = kf.mean(dim=2)
+        if rope_angle is not None:
+            sin, cos = rope_tables(rope_angle, n // rope_width, rope_width)
+            kf = apply_rope(kf, sin, cos)
+        s_mat = (kf.transpose(-1, -2) @ v32) * (scale / n)
+        outs = [s_mat, k_mean]
+        grads_out = [dstate[:, :d * dv_dim].view(bsz, heads, d, dv_dim), dstate[:, d * dv_dim:d * dv_dim + d].view(
+            bsz, heads, d)]
+        if uses_vmean:
+            outs.append(v32.mean(dim=2))
+            grads_out.append(dstate[:, d * dv_dim + d:].view(bsz, heads, dv_dim))
+        leaves = (k32, v32) + ((w32,) if w32 is not None else ())
+        grads = torch.autograd.grad(outs, leaves, grads_out)
+    dw = grads[2].to(key_weights.dtype) if key_weights is not None else None
+    return grads[0].to(k.dtype), grads[1].to(v.dtype), dw
+
+
+def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], dstate: Tensor,
+                rope_width: int, normalization: str, feature_map: str, scale: float,
+                mode: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient."""
+    bsz, heads, n, d = k.shape
+    dv_dim = v.shape[-1]
+    has_w = key_weights is not None
+    dk = torch.empty((bsz, heads, n, d), device=k.device, dtype=k.dtype)
+    dv = torch.empty((bsz, heads, n, dv_dim), device=k.device, dtype=v.dtype)
+    if has_w:
+        dw = torch.empty((bsz, heads, n), device=k.device, dtype=key_weights.dtype)
+        w, sw, sdw = key_weights, key_weights.stride(), dw.stride()
+    else:
+        dw, w, sw, sdw = None, k, (0, 0, 0), (0, 0, 0)
+    launch(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
+        k, v, w, rope_angle if rope_angle is not None else k, dstate, dk, dv, dw if has_w else dk,
+        *k.stride(), *v.stride(), *sw, *dk.stride(), *dv.stride(), *sdw,
+        heads, n, max(rope_width, 1), scale / n, 1.0 / n), dict(
+        D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
+        ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
+    return dk, dv, dw

@@ -1,0 +1,239 @@
+"""Forward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``).
+
+Two passes over the tokens, the fewest a non-causal op can make (every output depends on the
+whole reduction, spec ecosystem §5.5):
+
+1. ``_state_kernel`` — grid ``(B·H, splits)``: each program streams its run of tokens of one head,
+   reading k, v (and w) once, and accumulates in float32
+
+       S = (c/N) Σ_j w_j Rφ(k_j)ᵀ v_j   (d×dv),   k̄ = (1/N) Σ_j w_j φ(k_j),   v̄ = (1/N) Σ_j v_j.
+
+   When B·H is small the token axis is split across programs (``common.reduce_splits``) and the
+   partial states are added with fp32 atomics into a zeroed buffer — into several copies, summed
+   afterwards, when more than ``REDUCE_SPLITS_PER_COPY`` programs share a head (atomics on one
+   address serialise); with one program per head the state is stored directly.
+2. ``_output_kernel`` — grid ``(B·H, splits)``: reads q once, writes the output once:
+   ``z = c φq·k̄``, ``n = Rφq·S``, combined by the normalisation, cast to ``v.dtype``.
+
+Every loop issues the loads of tile t+1 before computing tile t (software prefetch). φ, the key
+weights, RoPE (angles from the buffer and the grid width), the 1/N scaling and every normalisation
+are fused; inputs are read through their strides (views of a projection output
+need no ``.contiguous()``). The state buffer is ``(B·H, d·dv + d + dv)`` float32: ``S`` row-major,
+then ``k̄``, then ``v̄`` (written only for the forms that use it).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+                     first_column, launch, mm, reduce_buffer, reduce_splits, rope, token_grid)
+
+__all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
+
+_KEY = ["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "ATOMIC", "DOT_MODE"]
+
+
+@triton.autotune(configs=autotune_configs("reduce"), key=_KEY, reset_to_zero=["state_ptr"])
+@triton.jit(do_not_specialize=["N", "W", "COPIES"])
+def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
+                  skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
+                  H, N, W, COPIES, copy_stride, state_scale, inv_n,
+                  D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                  FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    k_base = k_ptr + b * skb + h * skh
+    v_base = v_ptr + b * svb + h * svh
+    w_base = w_ptr + b * swb + h * swh
+
+    cols = tl.arange(0, BD)
+    vcols = tl.arange(0, BDV)
+    cmask = cols < D
+    vmask = vcols < DV
+    ones = first_column(BN)
+    acc = tl.zeros((BD, BDV), dtype=tl.float32)
+    ksum = tl.zeros((BD, 16), dtype=tl.float32)
+    vsum = tl.zeros((BDV, 16), dtype=tl.float32)
+
+    n_tiles = tl.cdiv(N, BN)
+    per = tl.cdiv(n_tiles, tl.num_programs(1))
+    t_lo = pid_s * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+    row_end = tl.minimum(t_hi * BN, N)
+    # Software prefetch: the loads of tile t+1 are issued before tile t is reduced.
+    rows = t_lo * BN + tl.arange(0, BN)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    if HAS_W:
+        wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
+    for _ in range(t_lo, t_hi):
+        nrows = rows + BN
+        nmask = nrows < row_end
+        nrows64 = nrows.to(tl.int64)
+        kx_next = tl.load(k_base + nrows64[:, None] * skn + cols[None, :] * skd, mask=nmask[:, None] & cmask[None, :],
+                          other=0.0)
+        vx_next = tl.load(v_base + nrows64[:, None] * svn + vcols[None, :] * svd,
+                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        if HAS_W:
+            wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
+
+        kf = tl.where(rmask[:, None] & cmask[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
+        if HAS_W:
+            kf = kf * wx.to(tl.float32)[:, None]
+        ksum += mm(tl.trans(kf), ones, DOT_MODE)
+        if NEED_VMEAN:
+            vsum += mm(tl.trans(vx), ones, DOT_MODE)
+        if ROPE:
+            kf = rope(kf, rows, angle_ptr, W, D, BD, BN, False)
+        acc += mm(tl.trans(kf), vx, DOT_MODE)
+
+        rows = nrows
+        rmask = nmask
+        kx = kx_next
+        vx = vx_next
+        if HAS_W:
+            wx = wx_next
+
+    s_base = state_ptr + (pid_s % COPIES).to(tl.int64) * copy_stride + pid_bh * (D * DV + D + DV)
+    s_ptrs = s_base + cols[:, None] * DV + vcols[None, :]
+    smask = cmask[:, None] & vmask[None, :]
+    acc = acc * state_scale
+    kmean = column0(ksum) * inv_n
+    if ATOMIC:
+        tl.atomic_add(s_ptrs, acc, mask=smask, sem="relaxed")
+        tl.atomic_add(s_base + D * DV + cols, kmean, mask=cmask, sem="relaxed")
+        if NEED_VMEAN:
+            tl.atomic_add(s_base + D * DV + D + vcols, column0(vsum) * inv_n, mask=vmask, sem="relaxed")
+    else:
+        tl.store(s_ptrs, acc, mask=smask)
+        tl.store(s_base + D * DV + cols, kmean, mask=cmask)
+        if NEED_VMEAN:
+            tl.store(s_base + D * DV + D + vcols, column0(vsum) * inv_n, mask=vmask)
+
+
+@triton.autotune(configs=autotune_configs("token"), key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "DOT_MODE"])
+@triton.jit(do_not_specialize=["N", "W"])
+def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
+                   sqb, sqh, sqn, sqd, sob, soh, son, sod,
+                   H, N, W, scale, eps,
+                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                   FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
+                   DOT_MODE: tl.constexpr, BN: tl.constexpr):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    q_base = q_ptr + b * sqb + h * sqh
+    o_base = o_ptr + b * sob + h * soh
+
+    cols = tl.arange(0, BD)
+    vcols = tl.arange(0, BDV)
+    cmask = cols < D
+    vmask = vcols < DV
+    n_tiles = tl.cdiv(N, BN)
+    per = tl.cdiv(n_tiles, tl.num_programs(1))
+    t_lo = pid_s * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+    row_end = tl.minimum(t_hi * BN, N)
+    rows = t_lo * BN + tl.arange(0, BN)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+    s_base = state_ptr + pid_bh * (D * DV + D + DV)
+    state = tl.load(s_base + cols[:, None] * DV + vcols[None, :], mask=cmask[:, None] & vmask[None, :], other=0.0)
+    if DOT_MODE == 2:
+        state = state.to(tl.bfloat16)
+    kbar = tl.load(s_base + D * DV + cols, mask=cmask, other=0.0) * scale
+    if NORM == 1 or NORM == 2:
+        vbar = tl.load(s_base + D * DV + D + vcols, mask=vmask, other=0.0)
+
+    for _ in range(t_lo, t_hi):
+        nrows = rows + BN
+        nmask = nrows < row_end
+        nrows64 = nrows.to(tl.int64)
+        qx_next = tl.load(q_base + nrows64[:, None] * sqn + cols[None, :] * sqd, mask=nmask[:, None] & cmask[None, :],
+                          other=0.0)
+
+        qf = tl.where(rmask[:, None] & cmask[None, :], feature(qx.to(tl.float32), FEATURE), 0.0)
+        z = tl.sum(qf * kbar[None, :], axis=1)
+        if ROPE:
+            qf = rope(qf, rows, angle_ptr, W, D, BD, BN, False)
+        num = mm(qf, state, DOT_MODE)
+        if NORM == 0:
+            out = num * (1.0 / (z + eps))[:, None]
+        elif NORM == 1:
+            out = num * (1.0 + 1.0 / (z + eps))[:, None] - z[:, None] * vbar[None, :]
+        elif NORM == 2:
+            out = num + (1.0 - z)[:, None] * vbar[None, :]
+        else:
+            out = num
+        tl.store(o_base + rows64[:, None] * son + vcols[None, :] * sod, out.to(o_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & vmask[None, :])
+
+        rows = nrows
+        rmask = nmask
+        rows64 = nrows64
+        qx = qx_next
+
+
+def state_size(d: int, dv: int) -> int:
+    """float32 entries per head of the state buffer: ``S`` (d·dv), ``k̄`` (d), ``v̄`` (dv)."""
+    return d * dv + d + dv
+
+
+def linear_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
+                         rope_width: int, normalization: str, feature_map: str, scale: float,
+                         eps: float) -> Tuple[Tensor, Tensor]:
+    """Run both forward passes. Returns ``(out (B, H, N, dv) in v.dtype, state (B·H, d·dv+d+dv) fp32)``.
+
+    ``rope_angle``: ``(d/2,)`` float32 contiguous on q's device, or None; ``rope_width``: grid width.
+    """
+    state = forward_state(k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale,
+                          dot_mode(q, k, v))
+    out = forward_output(q, v, state, rope_angle, rope_width, normalization, feature_map, scale, eps,
+                         dot_mode(q, k, v))
+    return out, state
+
+
+def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], rope_width: int,
+                  normalization: str, feature_map: str, scale: float, mode: int) -> Tensor:
+    """Pass 1: the fp32 state buffer ``(B·H, d·dv + d + dv)``."""
+    bsz, heads, n, d = k.shape
+    dv = v.shape[-1]
+    bh = bsz * heads
+    need_vmean = NORMALIZATION_IDS[normalization] in (1, 2)
+    has_w = key_weights is not None
+    ns = reduce_splits(bh, n, k.device)
+    buf, copies = reduce_buffer(bh, state_size(d, dv), ns, k.device)
+    launch(_state_kernel, lambda meta: (bh, max(1, min(ns, triton.cdiv(n, meta["BN"])))), (
+        k, v, key_weights if has_w else k, rope_angle if rope_angle is not None else k, buf,
+        *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
+        heads, n, max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
+        D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
+        ROPE=rope_angle is not None, NEED_VMEAN=need_vmean, ATOMIC=ns > 1, DOT_MODE=mode))
+    return buf[0] if copies == 1 else buf.sum(0)
+
+
+def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
+                   normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tensor:
+    """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state."""
+    bsz, heads, n, d = q.shape
+    dv = v.shape[-1]
+    out = torch.empty((bsz, heads, n, dv), device=q.device, dtype=v.dtype)
+    launch(_output_kernel, token_grid(bsz * heads, n, q.device), (
+        q, state, out, rope_angle if rope_angle is not None else q, *q.stride(), *out.stride(),
+        heads, n, max(rope_width, 1), scale, eps), dict(
+        D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
+        NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
+    return out

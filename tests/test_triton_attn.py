@@ -1,0 +1,291 @@
+"""The Triton linear-attention kernels against the PyTorch reference (values and gradients).
+
+On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py before
+anything imports them): that subset is kept tiny (fp32/fp16 — the interpreter's bf16 ``tl.dot`` is
+wrong, environment.md §5). The full grid (dtypes × head dims × odd N × every option, strided views,
+torch.compile, the fp16 overflow check at N = 262144) is ``@pytest.mark.cuda``.
+
+Tolerances (elementwise ``|tri − ref| ≤ atol + rtol·|ref|`` with ``atol = rtol·max|ref|``,
+against the reference fed the same inputs): fp32 rtol 1e-4; fp16 5e-3; bf16 2e-2. The kernels use
+ieee fp32 products for fp32 inputs and tf32 products (10-bit mantissa, finer than the inputs')
+for 16-bit inputs; the reference rounds its fp32 result to the input dtype as the kernels do.
+"""
+import math
+import os
+
+# Tests compile many option combinations: one autotune config each (benchmarks tune fully).
+os.environ.setdefault("LINVISION_TRITON_AUTOTUNE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from linvision.attn import core  # noqa: E402
+from linvision.attn.core import FEATURE_MAPS, NORMALIZATIONS, linear_attention, linear_attention_torch  # noqa: E402
+from linvision.attn.rope import RopeGrid, rope_angle  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+
+
+def _grid(n):
+    """A (height, width) factorisation of n tokens, as square as possible."""
+    h = max(c for c in range(1, math.isqrt(n) + 1) if n % c == 0)
+    return h, n // h
+
+
+def _inputs(b, h, n, d, dv, dtype, feature_map, weights, rope, device=DEVICE):
+    q, k = torch.randn(b, h, n, d, device=device), torch.randn(b, h, n, d, device=device)
+    if feature_map == "identity":          # keep the division's normaliser away from zero
+        q, k = q.abs() + 0.1, k.abs() + 0.1
+    v = torch.randn(b, h, n, dv, device=device)
+    w = torch.rand(b, h, n, device=device) * 2 if weights else None
+    grid = RopeGrid(rope_angle(d).to(device), *_grid(n)) if rope else None
+    return q.to(dtype), k.to(dtype), v.to(dtype), w, grid
+
+
+def _close(name, tri, ref, rtol):
+    assert tri.dtype == ref.dtype, f"{name}: dtype {tri.dtype} != {ref.dtype}"
+    assert torch.isfinite(tri).all(), f"{name}: non-finite values"
+    atol = rtol * ref.float().abs().max().item() + 1e-12
+    torch.testing.assert_close(tri.float(), ref.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def check_against_reference(b, h, n, d, dv, dtype, normalization="division", feature_map="elu1", weights=False,
+                            rope=False, scale=0.5, splits=None, monkeypatch=None):
+    """Run the Triton backend and the reference forward + backward; compare output and grads."""
+    if splits is not None:
+        from linvision.attn.ops import common
+        monkeypatch.setattr(common, "FORCE_SPLITS", splits)
+    q, k, v, w, grid = _inputs(b, h, n, d, dv, dtype, feature_map, weights, rope)
+    leaves = [q, k, v] + ([w] if weights else [])
+    tri_in = [t.clone().requires_grad_() for t in leaves]
+    ref_in = [t.clone().requires_grad_() for t in leaves]
+    opts = dict(normalization=normalization, feature_map=feature_map, scale=scale, rope=grid)
+    out = linear_attention(*tri_in[:3], key_weights=tri_in[3] if weights else None, backend="triton", **opts)
+    ref = linear_attention_torch(*ref_in[:3], key_weights=ref_in[3] if weights else None, **opts)
+    grad = torch.randn_like(ref)
+    out.backward(grad)
+    ref.backward(grad)
+    rtol = TOL[dtype]
+    _close("out", out, ref, rtol)
+    for name, a, r in zip(("dq", "dk", "dv", "dw"), tri_in, ref_in):
+        if n == 1 and name in ("dq", "dk", "dw") and normalization in ("division", "magnitude_aware"):
+            # One token: out = v·z/(z+ε) exactly, so these grads are O(ε) differences of O(1) terms:
+            # compare absolutely, on the scale of the well-conditioned dv.
+            atol = rtol * ref_in[2].grad.float().abs().max().item()
+            torch.testing.assert_close(a.grad.float(), r.grad.float(), rtol=0, atol=atol)
+            continue
+        _close(name, a.grad, r.grad, rtol)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU (interpreter) subset: one case per option family, tiny shapes, odd sizes for the masks.
+# ---------------------------------------------------------------------------------------------
+
+CPU_CASES = [
+    # (b, h, n, d, dv, dtype, normalization, feature_map, weights, rope, splits)
+    (1, 1, 1, 16, 16, torch.float32, "division", "elu1", False, True, None),
+    (1, 1, 7, 48, 48, torch.float32, "division", "elu1", True, True, None),
+    (2, 3, 37, 32, 32, torch.float32, "division", "elu1", False, False, None),
+    (1, 2, 23, 16, 24, torch.float32, "division", "relu", True, False, None),
+    (1, 1, 197, 96, 96, torch.float32, "magnitude_aware", "elu1", False, True, 2),
+    (1, 1, 45, 64, 64, torch.float32, "injective", "identity", True, True, None),
+    (1, 2, 30, 32, 32, torch.float32, "none", "relu", False, True, None),
+    (1, 1, 130, 128, 128, torch.float32, "division", "identity", True, True, 3),
+    (1, 1, 19, 64, 64, torch.float16, "magnitude_aware", "elu1", True, True, None),
+    (1, 1, 70, 32, 32, torch.float16, "division", "elu1", False, False, 2),
+    (1, 1, 3137, 16, 16, torch.float32, "division", "elu1", True, True, 4),
+    (2, 1, 41, 32, 32, torch.float16, "injective", "relu", True, True, 3),
+    (1, 2, 50, 48, 48, torch.float16, "none", "identity", False, True, None),
+]
+
+
+@pytest.mark.parametrize("b,h,n,d,dv,dtype,normalization,feature_map,weights,rope,splits", CPU_CASES)
+def test_matches_reference_small(b, h, n, d, dv, dtype, normalization, feature_map, weights, rope, splits,
+                                 monkeypatch):
+    check_against_reference(b, h, n, d, dv, dtype, normalization, feature_map, weights, rope, splits=splits,
+                            monkeypatch=monkeypatch)
+
+
+def test_several_state_copies(monkeypatch):
+    """More token splits than REDUCE_SPLITS_PER_COPY: partial states go to several fp32 copies, then summed."""
+    from linvision.attn.ops import common
+    monkeypatch.setattr(common, "REDUCE_SPLITS_PER_COPY", 2)
+    check_against_reference(1, 2, 300, 32, 32, torch.float32, "magnitude_aware", "elu1", weights=True, rope=True,
+                            splits=5, monkeypatch=monkeypatch)
+
+
+@pytest.mark.parametrize("normalization", ["division", "injective"])
+def test_backward_torch_twins(normalization):
+    """The PyTorch twins of the backward passes (used for wide fp32 heads on GPU) equal the kernels."""
+    from linvision.attn.ops.common import dot_mode
+    from linvision.attn.ops.linear_attn_bwd import _backward_kv_torch, _backward_q_torch, backward_kv, backward_q
+    from linvision.attn.ops.linear_attn_fwd import forward_state
+    q, k, v, w, grid = _inputs(1, 2, 20, 16, 16, torch.float32, "elu1", True, True)
+    angle = grid.angle.float().contiguous()
+    mode = dot_mode(q, k, v)
+    state = forward_state(k, v, w, angle, grid.width, normalization, "elu1", 0.5, mode)
+    g = torch.randn_like(v)
+    dq, dstate = backward_q(g, q, state, angle, grid.width, normalization, "elu1", 0.5, 1e-6, mode)
+    dq_t, dstate_t = _backward_q_torch(g, q, state, angle, grid.width, normalization, "elu1", 0.5, 1e-6)
+    _close("dq", dq, dq_t, 1e-4)
+    used = 16 * 16 + 16 + (16 if normalization == "injective" else 0)
+    _close("dstate", dstate[:, :used], dstate_t[:, :used], 1e-4)
+    grads = backward_kv(k, v, w, angle, dstate, grid.width, normalization, "elu1", 0.5, mode)
+    grads_t = _backward_kv_torch(k, v, w, angle, dstate, grid.width, normalization, "elu1", 0.5)
+    for name, a, b in zip(("dk", "dv", "dw"), grads, grads_t):
+        _close(name, a, b, 1e-4)
+
+
+def test_auto_backend_and_validation():
+    q = torch.randn(1, 1, 5, 16)
+    # auto on CPU tensors is the reference, bit for bit.
+    assert torch.equal(linear_attention(q, q, q, backend="auto"), linear_attention_torch(q, q, q))
+    assert "triton" in core.BACKENDS
+    with pytest.raises(ValueError, match="backend"):
+        linear_attention(q, q, q, backend="cuda")
+
+
+def test_strided_views_small():
+    """q, k, v as views of one (B, N, 3, H, d) projection output, read through their strides."""
+    b, n, heads, d = 1, 29, 2, 32
+    qkv = torch.randn(b, n, 3, heads, d, device=DEVICE)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    assert not q.is_contiguous()
+    out = linear_attention(q, k, v, normalization="magnitude_aware", feature_map="elu1", backend="triton")
+    ref = linear_attention_torch(q, k, v, normalization="magnitude_aware", feature_map="elu1")
+    _close("out", out, ref, 1e-4)
+
+
+def test_torch_compile_no_graph_break():
+    """Through the custom op, fullgraph tracing succeeds and gradients match (aot_eager: no C++ compiler)."""
+    q, k, v, w, grid = _inputs(1, 2, 12, 16, 16, torch.float32, "elu1", True, True)
+    opts = dict(normalization="magnitude_aware", feature_map="elu1", rope=grid)
+
+    def loss(q, k, v, w):
+        return (linear_attention(q, k, v, key_weights=w, backend="triton", **opts) ** 2).sum()
+
+    tri_in = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    torch.compile(loss, backend="aot_eager", fullgraph=True)(*tri_in).backward()
+    (linear_attention_torch(*ref_in[:3], key_weights=ref_in[3], **opts) ** 2).sum().backward()
+    for a, r in zip(tri_in, ref_in):
+        _close("grad", a.grad, r.grad, 1e-4)
+
+
+def test_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) kernel and autograd registration are consistent."""
+    from linvision.attn.ops.linear_attn import _fwd_op
+    q, k, v, w, grid = _inputs(1, 1, 9, 16, 16, torch.float32, "elu1", True, True)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), w.requires_grad_(), grid.angle.float(),
+            grid.width, "division", "elu1", 1.0, 1e-6)
+    torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the full grid.
+# ---------------------------------------------------------------------------------------------
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [16, 32, 48, 64, 96, 128])
+@pytest.mark.parametrize("n", [1, 7, 197, 3137])
+def test_head_dims_and_lengths(dtype, d, n):
+    """B·H = 1 (maximal token splitting), RoPE + key weights on, odd N, every head dim."""
+    check_against_reference(1, 1, n, d, d, dtype, "division", "elu1", weights=True, rope=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("weights", [False, True])
+@pytest.mark.parametrize("feature_map", FEATURE_MAPS)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_every_option(normalization, feature_map, weights, rope):
+    check_against_reference(2, 3, 197, 64, 64, torch.float32, normalization, feature_map, weights, rope)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_every_normalization_low_precision(dtype, normalization):
+    check_against_reference(2, 3, 3137, 32, 32, dtype, normalization, "elu1", weights=True, rope=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("b,h,n,d", [(1, 1, 50000, 64), (2048, 3, 196, 32), (8, 4, 3136, 64)])
+def test_large_shapes_bf16(b, h, n, d):
+    check_against_reference(b, h, n, d, d, torch.bfloat16, "magnitude_aware", "elu1", weights=False, rope=True)
+
+
+@pytest.mark.cuda
+def test_different_value_dim():
+    check_against_reference(2, 2, 300, 32, 96, torch.bfloat16, "injective", "relu", weights=True, rope=True)
+
+
+@pytest.mark.cuda
+def test_strided_views_gpu():
+    b, n, heads, d = 2, 3136, 4, 64
+    qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ref_qkv = qkv.detach().clone().requires_grad_()
+    out = linear_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), normalization="division", feature_map="elu1",
+                           backend="auto")
+    ref = linear_attention_torch(*ref_qkv.permute(2, 0, 3, 1, 4).unbind(0), normalization="division",
+                                 feature_map="elu1")
+    grad = torch.randn_like(ref).transpose(1, 2).contiguous().transpose(1, 2)   # a strided upstream grad
+    out.backward(grad)
+    ref.backward(grad)
+    _close("out", out, ref, TOL[torch.bfloat16])
+    _close("dqkv", qkv.grad, ref_qkv.grad, TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+def test_fp16_large_n_is_finite():
+    """Unit-variance fp16 q, k, v at N = 262144 (512²): no inf/NaN forward or backward."""
+    n = 262144
+    q, k, v = (torch.randn(1, 1, n, 64, device="cuda", dtype=torch.float16, requires_grad=True) for _ in range(3))
+    grid = RopeGrid(rope_angle(64).cuda(), 512, 512)
+    for normalization in NORMALIZATIONS:
+        out = linear_attention(q, k, v, normalization=normalization, feature_map="elu1", scale=64 ** -0.5, rope=grid)
+        out.backward(torch.randn_like(out))
+        assert torch.isfinite(out).all(), normalization
+        for t in (q, k, v):
+            assert torch.isfinite(t.grad).all(), normalization
+            t.grad = None
+        ref = linear_attention_torch(q.detach(), k.detach(), v.detach(), normalization=normalization,
+                                     feature_map="elu1", scale=64 ** -0.5, rope=grid)
+        _close(normalization, out.detach(), ref, TOL[torch.float16])
+
+
+@pytest.mark.cuda
+def test_torch_compile_inductor():
+    q, k, v, w, grid = _inputs(2, 4, 3136, 64, 64, torch.bfloat16, "elu1", True, True)
+    opts = dict(normalization="division", feature_map="elu1", rope=grid)
+
+    def loss(q, k, v, w):
+        return linear_attention(q * 1.5, k, v, key_weights=w, **opts).float().pow(2).sum()
+
+    tri_in = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v, w)]
+    torch.compile(loss, fullgraph=True)(*tri_in).backward()
+    (linear_attention_torch(ref_in[0] * 1.5, *ref_in[1:3], key_weights=ref_in[3], **opts).float() ** 2).sum().backward()
+    for name, a, r in zip(("dq", "dk", "dv", "dw"), tri_in, ref_in):
+        _close(name, a.grad, r.grad, TOL[torch.bfloat16])
+
+
+@pytest.mark.cuda
+def test_auto_picks_triton_on_cuda(monkeypatch):
+    from linvision.attn import ops
+    calls = []
+    real = ops.linear_attention_triton
+    monkeypatch.setattr(ops, "linear_attention_triton", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q = torch.randn(1, 2, 64, 32, device="cuda")
+    linear_attention(q, q, q, backend="auto")
+    assert calls == [1]
+    # head dims over 128 fall back to the reference
+    q = torch.randn(1, 1, 8, 160, device="cuda")
+    linear_attention(q, q, q, backend="auto")
+    assert calls == [1]
