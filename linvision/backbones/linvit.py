@@ -37,7 +37,7 @@ from timm.models._features import feature_take_indices
 
 from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
 
-__all__ = ["LinViT", "checkpoint_filter_fn"]
+__all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys", "unwrap_state_dict"]
 
 
 class ConvStem(nn.Sequential):
@@ -207,7 +207,10 @@ class LinViT(nn.Module):
         self.grad_checkpointing = False
 
         self.stem = ConvStem(in_chans, embed_dims[0])
-        dpr = [x.tolist() for x in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        # Stochastic depth rises linearly over all blocks (computed in Python: meta-device safe).
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+        dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
         stages, self.feature_info = [], []
         for i in range(num_stages):
             stages.append(LinViTStage(
@@ -350,39 +353,50 @@ _RENAMES = (
 )
 
 
-def _unwrap(state_dict: Dict) -> Dict:
+def unwrap_state_dict(checkpoint: Dict) -> Dict:
+    """The state dict inside a training checkpoint (``state_dict_ema`` > ``model_ema`` >
+    ``state_dict`` > ``model``, timm's order), or the checkpoint itself when it is one."""
     for key in _WRAPPER_KEYS:
-        if isinstance(state_dict.get(key), dict):
-            return state_dict[key]
-    return state_dict
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def convert_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename an official MAViT/RAVLT (qhfan/MALA, qhfan/RALA) state dict to LinViT's layout.
+
+    Unwraps training checkpoints, strips ``module.``, moves each downsample to the start of the
+    next stage, squeezes the 1×1-conv classifier and drops the dense-backbone ``extra_norms``.
+    Native state dicts pass through unchanged. Pure: no check against a model.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if any(k.startswith("stages.") for k in state_dict):
+        return state_dict
+    out = {}
+    for k, v in state_dict.items():
+        if re.match(r"^(?:module\.)?extra_norms\.", k):  # dense-backbone output norms: not part of LinViT
+            continue
+        m = re.match(r"^(?:module\.)?layers\.(\d+)\.downsample\.(reduction|norm)\.(.+)$", k)
+        if m:
+            # Official downsample sits at the end of stage i; ours starts stage i + 1.
+            name = "conv" if m.group(2) == "reduction" else "norm"
+            out[f"stages.{int(m.group(1)) + 1}.downsample.{name}.{m.group(3)}"] = v
+            continue
+        for pattern, repl in _RENAMES:
+            k = re.sub(pattern, repl, k)
+        if k == "head.weight" and v.dim() == 4:  # the official classifier is a 1x1 conv
+            v = v.flatten(1)
+        out[k] = v
+    return out
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LinViT) -> Dict[str, torch.Tensor]:
-    """Convert an official MAViT/RAVLT (qhfan/MALA, qhfan/RALA) state dict to LinViT's layout.
+    """timm's ``pretrained_filter_fn``: :func:`convert_official_keys`, then a coverage check.
 
-    Handles ``{'model'|'model_ema'|'state_dict'|'state_dict_ema': ...}`` wrappers and a ``module.``
-    prefix; native state dicts pass through. Raises ``ValueError`` naming the missing keys when
-    the converted checkpoint does not cover the model (classifier keys excepted: timm drops them
-    when ``num_classes`` differs).
+    Raises ``ValueError`` naming the missing keys when the converted checkpoint does not cover
+    the model (classifier keys excepted: timm drops them when ``num_classes`` differs).
     """
-    state_dict = _unwrap(state_dict)
-    if not any(k.startswith("stages.") for k in state_dict):
-        out = {}
-        for k, v in state_dict.items():
-            if k.startswith("extra_norms."):  # dense-backbone output norms: no classification counterpart
-                continue
-            m = re.match(r"^(?:module\.)?layers\.(\d+)\.downsample\.(reduction|norm)\.(.+)$", k)
-            if m:
-                # Official downsample sits at the end of stage i; ours starts stage i + 1.
-                name = "conv" if m.group(2) == "reduction" else "norm"
-                out[f"stages.{int(m.group(1)) + 1}.downsample.{name}.{m.group(3)}"] = v
-                continue
-            for pattern, repl in _RENAMES:
-                k = re.sub(pattern, repl, k)
-            if k == "head.weight" and v.dim() == 4:  # the official classifier is a 1x1 conv
-                v = v.flatten(1)
-            out[k] = v
-        state_dict = out
+    state_dict = convert_official_keys(state_dict)
     missing = [k for k in model.state_dict() if k not in state_dict and not k.startswith("head.")]
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")

@@ -1,0 +1,16 @@
+# RAVLT-S (RALA) Cascade Mask R-CNN 3x on COCO, as the official config (spec mala_rala.md §4.7):
+# 4conv1fc GIoU box heads, AdamW lr 1e-4, wd 0.05 (none on norm layers), 36 epochs (steps 27, 33),
+# 2 images per GPU, multi-scale + crop augmentation.
+# Official result: AP^b 54.2 / AP^m 46.8 (Casmaskrcnn_s_3x_36_epoch.pth).
+_base_ = [
+    '_base_/models/cascade-mask-rcnn_linvision_fpn_4conv1fc-giou.py', '_base_/datasets/coco_instance_ms-crop.py',
+    '_base_/schedules/adamw_3x.py', '_base_/default_runtime.py'
+]
+model = dict(
+    backbone=dict(
+        model_name='ravlt_s',
+        init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/aldjalkdf/RAVLT/resolve/main/RAVLT_S.pth')),
+    neck=dict(in_channels=[64, 128, 320, 512]))
+optim_wrapper = dict(
+    optimizer=dict(lr=1e-4),
+    paramwise_cfg=dict(norm_decay_mult=0.0, custom_keys={'rpe_table': dict(decay_mult=0.)}))

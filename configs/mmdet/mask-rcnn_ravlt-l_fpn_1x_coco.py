@@ -1,0 +1,13 @@
+# RAVLT-L (RALA) Mask R-CNN 1x on COCO, as the official config (spec mala_rala.md §4.7):
+# AdamW lr 1e-4, wd 0.05, 12 epochs (steps 8, 11), 2 images per GPU, single scale (1333, 800).
+# Official result: AP^b 52.3 / AP^m 46.4 (maskrcnn_l_1x_12_epoch.pth).
+_base_ = [
+    '_base_/models/mask-rcnn_linvision_fpn.py', '_base_/datasets/coco_instance.py',
+    '_base_/schedules/adamw_1x.py', '_base_/default_runtime.py'
+]
+model = dict(
+    backbone=dict(
+        model_name='ravlt_l',
+        init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/aldjalkdf/RAVLT/resolve/main/RAVLT_L.pth')),
+    neck=dict(in_channels=[96, 192, 448, 640]))
+optim_wrapper = dict(optimizer=dict(lr=1e-4))

@@ -1,0 +1,12 @@
+# RAVLT-T (RALA) Semantic FPN on ADE20K, as the official config (spec mala_rala.md §4.7):
+# AdamW lr 1e-4, wd 1e-4, 80k iterations, poly (0.9), 2 images per GPU, 512x512 crops.
+# Official result: mIoU 47.9 (fpn_t_1x.pth).
+_base_ = [
+    '_base_/models/fpn_linvision.py', '_base_/datasets/ade20k.py',
+    '_base_/schedules/adamw_80k.py', '_base_/default_runtime.py'
+]
+model = dict(
+    backbone=dict(
+        model_name='ravlt_t',
+        init_cfg=dict(type='Pretrained', checkpoint='https://huggingface.co/aldjalkdf/RAVLT/resolve/main/RAVLT_T.pth')),
+    neck=dict(in_channels=[64, 128, 256, 512]))
