@@ -190,7 +190,7 @@ class LinViT(nn.Module):
             drop_path_rate: float = 0.0,
     ):
         super().__init__()
-        if attn not in MIXERS or attn == "softmax" and softmax_stages:
+        if attn not in MIXERS:
             raise ValueError(f"attn must be one of {sorted(MIXERS)}, got {attn!r}")
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == num_stages):
