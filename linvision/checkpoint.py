@@ -11,7 +11,11 @@ Files:
         ``timm.models.load_checkpoint`` and ``pretrained_cfg_overlay=dict(file=...)``.
     ``*_state.pth``: optimizer, scheduler, epoch counters, RNG states and run arguments — plain
         containers, tensors and numbers only, so it loads with ``torch.load(weights_only=True)``.
+    ``*.json``: a manifest naming the files of one checkpoint with their size and sha256
+        (:func:`write_manifest`); written last, so its presence marks the checkpoint complete, and
+        :func:`verify_manifest` detects a truncated or corrupted file.
 """
+import hashlib
 import json
 import os
 import random
@@ -27,6 +31,7 @@ from safetensors.torch import save_file
 __all__ = [
     "atomic_write", "save_weights", "load_weights", "read_weights_metadata",
     "save_state", "load_state", "capture_rng_state", "restore_rng_state",
+    "atomic_link", "sha256_file", "write_json", "read_json", "write_manifest", "verify_manifest",
 ]
 
 PathLike = Union[str, os.PathLike]
@@ -85,6 +90,24 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def atomic_link(src: PathLike, dst: PathLike) -> Path:
+    """Make ``dst`` name the same file as ``src`` (a hard link, no copy), replacing ``dst``
+    atomically; copies (atomically) where the filesystem has no hard links."""
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.{os.getpid()}.link.tmp"
+    try:
+        if tmp.exists():
+            tmp.unlink()
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        return atomic_write(dst, lambda t: shutil.copyfile(src, t))
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+    return dst
 
 
 def _tensors_for_safetensors(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -174,3 +197,75 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(obj: Any, path: PathLike) -> Path:
+    """Atomically write ``obj`` as indented JSON."""
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+    return atomic_write(path, write)
+
+
+def read_json(path: PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_manifest(path: PathLike, files: Mapping[str, PathLike], info: Optional[Mapping[str, Any]] = None) -> Path:
+    """Atomically write a manifest for files that are already complete on disk.
+
+    Args:
+        path: the manifest (``*.json``); file names in it are relative to its directory, so the
+            manifest and its files must share one.
+        files: role (``"weights"``, ``"state"``, ...) -> file path.
+        info: extra JSON-able fields (step, epoch...).
+    """
+    path = Path(path)
+    entries = {}
+    for role, f in files.items():
+        f = Path(f)
+        if f.parent.resolve() != path.parent.resolve():
+            raise ValueError(f"{f} is not in the manifest's directory {path.parent}")
+        entries[role] = {"name": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    return write_json(dict(info or {}, format="linvision.manifest/1", files=entries), path)
+
+
+def verify_manifest(path: PathLike, check_hash: bool = True) -> Dict[str, Path]:
+    """Check that every file a manifest names exists with the recorded size and sha256.
+
+    Returns:
+        role -> file path.
+
+    Raises:
+        ValueError: naming the first missing, truncated or corrupted file (or an unreadable manifest).
+    """
+    path = Path(path)
+    try:
+        manifest = read_json(path)
+        entries = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable manifest {path.name}: {e}") from e
+    out = {}
+    for role, entry in entries.items():
+        f = path.parent / entry["name"]
+        if not f.is_file():
+            raise ValueError(f"{f.name} is missing")
+        size = f.stat().st_size
+        if size != entry["bytes"]:
+            raise ValueError(f"{f.name} has {size} bytes, the manifest records {entry['bytes']} (truncated?)")
+        if check_hash and sha256_file(f) != entry["sha256"]:
+            raise ValueError(f"{f.name} does not match its recorded sha256 (corrupted)")
+        out[role] = f
+    return out

@@ -1,75 +1,85 @@
 """Training and evaluation loop over timm's utilities; ``tools/train.py`` and ``tools/eval.py`` only
 parse arguments and call :func:`train` / :func:`evaluate_checkpoint`.
 
-The pieces are separate functions so that later work can swap one without touching the rest
-(distributed data parallel: the sampler in :func:`build_loader` is already a
-``DistributedSampler`` and :func:`train_one_epoch` takes any wrapped model; EMA, mixup and extra
-losses slot into :func:`train_one_epoch`):
+What the loop calls (timm's, not rewritten): ``create_dataset``/``create_transform``/
+``create_loader``/``RepeatAugSampler``/``PrefetchLoader`` (data), ``Mixup`` +
+``SoftTargetCrossEntropy``/``BinaryCrossEntropy``/``LabelSmoothingCrossEntropy`` (losses),
+``create_optimizer_v2`` (weight-decay groups from ``no_weight_decay``, layer decay from
+``group_matcher``), ``create_scheduler_v2`` (warmup + cosine...), ``ModelEmaV3``, ``NativeScaler``,
+``dispatch_clip_grad``, ``distribute_bn``, ``init_distributed_device_so``, ``update_summary``.
+The parts around them live in :mod:`linvision.training` (resumable sampler, DDP/FSDP2 wrapping,
+checkpoint sets with manifests, CSV/TensorBoard monitor, configs).
 
-- :func:`create_datasets` — ImageFolder splits through ``timm.data.create_dataset``, with layout
-  checks that fail with a readable :class:`InputError`.
-- :func:`build_model`, :func:`resolve_data_config`, :func:`build_loader` / :func:`build_loaders`.
-- :func:`train_one_epoch`, :func:`evaluate`.
-- :func:`save_training_state`, :func:`load_training_state`, :func:`resolve_resume`.
+A run (:func:`train`) under ``torchrun --nproc_per_node=N``: every rank trains on its share of each
+epoch (``DistributedSampler`` or ``RepeatAugSampler``), metrics are summed over ranks, and only rank 0
+writes files and logs. Output directory (``--output``)::
 
-All functions take the argument namespace the tools build (field names follow timm's
-``train.py``), so a YAML config or a test can provide the same fields.
+    config.yaml        the resolved settings (``tools/train.py -c`` reads it back)
+    log.txt            the log lines
+    summary.csv        one row per epoch (train loss, img/s, val/EMA top-1/top-5, lr, peak memory)
+    run_summary.json   best top-1, time, images/s, peak memory of the finished run
+    checkpoints/       the last ``--keep-last`` checkpoint sets (step-N.{safetensors,ema.safetensors,state.pth,json})
+    last.safetensors, last.ema.safetensors, last_state.pth, last.json   the newest set (hard links)
+    best.safetensors   weights (model or EMA, whichever scored) with the best val top-1
 
-Checkpoints in the output directory, each written atomically (:mod:`linvision.checkpoint`):
-``last.safetensors`` (weights after the latest epoch), ``last_state.pth`` (optimizer, scheduler,
-epoch, RNG states, arguments), ``best.safetensors`` (weights with the best val top-1 so far) and
-``summary.csv`` (one row per epoch, timm's ``update_summary`` format).
+Resuming (``--resume auto``) restores weights, EMA, optimizer, scheduler position, loss scaler,
+counters and every rank's RNG states, and continues at the exact batch where the checkpoint was
+taken (mid-epoch checkpoints come from ``--save-every-steps``). On CPU with the same settings the
+resumed run ends with bit-identical weights to an uninterrupted one (tested); see
+:mod:`linvision.training.data` for why the data order and augmentations allow that.
 """
 import argparse
-import os
+import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import timm
-from timm.data import create_dataset, create_transform
 from timm.data import resolve_data_config as timm_resolve_data_config
-from timm.data.readers.img_extensions import get_img_extensions
-from timm.models import load_checkpoint as timm_load_checkpoint
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import load_state_dict as timm_load_state_dict
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy, random_seed, update_summary
+from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
 
-from .checkpoint import (capture_rng_state, load_state, load_weights, read_weights_metadata,
-                         restore_rng_state, save_state, save_weights)
+from .checkpoint import capture_rng_state, load_weights, read_weights_metadata, restore_rng_state, write_json
+from .training.checkpoints import (BEST_WEIGHTS, LAST_EMA, LAST_MANIFEST, LAST_STATE, LAST_WEIGHTS, Checkpoint,
+                                   CheckpointManager, ema_sibling, resolve_resume)
+from .training.common import InputError, plain as _plain
+from .training.config import save_config
+from .training.data import (build_eval_loader, build_train_loader, create_datasets, create_mixup, find_split_dir,
+                            set_loader_epoch, train_sampler)
+from .training.distributed import (DistEnv, Wrapped, full_model_state, full_state, init_distributed,
+                                   load_full_model_state, load_full_state, wrap_model)
+from .training.monitor import SUMMARY, RunMonitor, peak_memory_mb
 
 __all__ = [
-    "InputError", "LAST_WEIGHTS", "LAST_STATE", "BEST_WEIGHTS",
+    "InputError", "LAST_WEIGHTS", "LAST_EMA", "LAST_STATE", "LAST_MANIFEST", "BEST_WEIGHTS", "SUMMARY",
+    "CONFIG_FILE", "RUN_SUMMARY",
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
-    "resolve_data_config", "build_loader", "build_loaders", "train_one_epoch", "evaluate",
-    "save_training_state", "load_training_state", "resolve_resume", "train", "evaluate_checkpoint",
+    "resolve_data_config", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
+    "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
 ]
 
-LAST_WEIGHTS = "last.safetensors"
-LAST_STATE = "last_state.pth"
-BEST_WEIGHTS = "best.safetensors"
-SUMMARY = "summary.csv"
+CONFIG_FILE = "config.yaml"
+RUN_SUMMARY = "run_summary.json"
 
-# Folder names accepted for each split when the exact name is absent (ImageNet-style trees vary).
-_SPLIT_SYNONYMS = {
-    "train": ("train", "training"),
-    "val": ("val", "validation", "valid", "eval", "evaluation", "test"),
-}
 # Keys of a run's arguments that describe the model and its input; stored in every weights file so
 # that eval can rebuild the same model and preprocessing from the checkpoint alone.
 _MODEL_KEYS = ("model", "num_classes", "in_chans", "model_kwargs")
 _DATA_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_AMP_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
-class InputError(Exception):
-    """Bad user input (paths, data layout, flags); the tools print it without a traceback."""
+def _arg(args, name: str, default=None):
+    value = getattr(args, name, default)
+    return default if value is None else value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,15 +95,19 @@ def resolve_device(name: Optional[str] = None) -> torch.device:
     return device
 
 
-def resolve_amp_dtype(amp: Optional[bool], device: torch.device) -> Optional[torch.dtype]:
-    """Autocast dtype: bf16 when ``amp`` is True, or when it is None (auto) on CUDA; else None.
+def resolve_amp_dtype(amp: Optional[bool], device: torch.device, dtype: str = "bfloat16") -> Optional[torch.dtype]:
+    """Autocast dtype, or None for full precision.
 
-    bf16 rather than fp16 because it needs no loss scaler and is the project's default autocast
-    dtype (DESIGN.md, Numerics); on CPU autocast is opt-in because it is slower there.
-    """
+    ``amp`` None (auto) means on for CUDA, off on CPU (slower there). ``dtype`` is ``bfloat16``
+    (the project default: no loss scaler needed, DESIGN.md Numerics) or ``float16`` (the official
+    MAViT/RAVLT recipes; trained with timm's ``NativeScaler``)."""
     if amp is None:
         amp = device.type == "cuda"
-    return torch.bfloat16 if amp else None
+    if not amp:
+        return None
+    if dtype not in _AMP_DTYPES:
+        raise InputError(f"--amp-dtype {dtype!r}: expected bfloat16 or float16")
+    return _AMP_DTYPES[dtype]
 
 
 def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -102,93 +116,6 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 
 # ----------------------------------------------------------------------------------------------
 # Data
-
-def find_split_dir(data_dir: os.PathLike, split: str, allow_root: bool = False) -> Path:
-    """The folder holding ``split``'s class folders.
-
-    Args:
-        data_dir: dataset root holding ``<split>/<class>/<image>`` (or a synonym of ``split``:
-            ``validation``/``valid``/``eval``/``test`` for ``val``, ``training`` for ``train``).
-        split: ``"train"``, ``"val"`` or any folder name.
-        allow_root: when no split folder exists, accept ``data_dir`` itself as the split (so that
-            ``eval --data-dir /data/imagenet/val`` works).
-    """
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise InputError(f"data directory not found: {root}")
-    for name in (split,) + _SPLIT_SYNONYMS.get(split, ()):
-        if (root / name).is_dir():
-            return root / name
-    subdirs = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    # A root holding other splits but not this one is a dataset root, not a split folder.
-    if allow_root and not set(subdirs) & {s for syn in _SPLIT_SYNONYMS.values() for s in syn}:
-        return root
-    raise InputError(
-        f"{root} has no '{split}' folder (found: {', '.join(subdirs) or 'no folders'}); expected the "
-        f"ImageFolder layout {root}/train/<class>/<image> and {root}/val/<class>/<image>")
-
-
-def _scan_classes(split_dir: Path) -> List[str]:
-    """Class folder names of an ImageFolder split, after checking its layout."""
-    exts = get_img_extensions(as_set=True)
-    loose = [p.name for p in split_dir.iterdir() if p.is_file() and p.suffix.lower() in exts]
-    if loose:
-        raise InputError(
-            f"{split_dir} holds images directly ({loose[0]}, ...); expected one folder per class: "
-            f"{split_dir}/<class>/<image>")
-    classes = []
-    for d in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if any(f.suffix.lower() in exts for _, _, files in os.walk(d) for f in map(Path, files)):
-            classes.append(d.name)
-    if not classes:
-        raise InputError(
-            f"{split_dir} has no class folders with images ({', '.join(sorted(exts))}); expected "
-            f"{split_dir}/<class>/<image>")
-    return classes
-
-
-def create_datasets(
-        data_dir: os.PathLike,
-        splits: Sequence[str] = ("train", "val"),
-        in_chans: int = 3,
-        class_map: Optional[Mapping[str, int]] = None,
-        allow_root: bool = False,
-) -> Tuple[Dict[str, Any], Dict[str, int]]:
-    """ImageFolder datasets for ``splits`` with one shared class index.
-
-    Args:
-        data_dir: dataset root (see :func:`find_split_dir`).
-        splits: split names; the first one defines the class index unless ``class_map`` is given.
-        in_chans: 1 loads images as greyscale (``L``), otherwise as ``RGB``.
-        class_map: class folder name -> index (e.g. from a checkpoint), default: natural sort
-            of the first split's class folders (timm's rule).
-        allow_root: passed to :func:`find_split_dir`.
-
-    Returns:
-        ``({split: timm ImageDataset without transform}, class_to_idx)``. Set each dataset's
-        ``transform`` (done by :func:`build_loader`) before iterating; items are
-        ``(PIL image, int label)`` until then.
-    """
-    img_mode = "L" if in_chans == 1 else "RGB"
-    datasets = {}
-    for split in splits:
-        split_dir = find_split_dir(data_dir, split, allow_root=allow_root)
-        classes = _scan_classes(split_dir)
-        if class_map is not None:
-            unknown = sorted(set(classes) - set(class_map))
-            if unknown:
-                raise InputError(
-                    f"{split_dir} has class folders {unknown[:5]} that are not among the {len(class_map)} "
-                    f"known classes ({', '.join(list(class_map)[:5])}, ...); every split (and the "
-                    f"checkpoint) must use the same class folder names")
-        ds = create_dataset("", root=str(split_dir), split=split, search_split=False, is_training=False,
-                            class_map=dict(class_map) if class_map is not None else None,
-                            input_img_mode=img_mode)
-        if class_map is None:
-            class_map = dict(ds.reader.class_to_idx)
-        datasets[split] = ds
-    return datasets, dict(class_map)
-
 
 def resolve_data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
     """timm's data config (input size, interpolation, mean/std, crop) from ``args`` and the model's
@@ -207,73 +134,86 @@ def resolve_data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str,
     return cfg
 
 
-def build_loader(
-        dataset,
-        data_config: Mapping[str, Any],
-        is_training: bool,
-        batch_size: int,
-        args: argparse.Namespace,
-        device: torch.device,
-        rank: int = 0,
-        world_size: int = 1,
-) -> DataLoader:
-    """A DataLoader over ``dataset`` with timm's train or eval transform.
-
-    Batches are ``(images, labels)``: ``(B, C, H, W)`` float32 normalised with the config's
-    mean/std, and ``(B,)`` int64. Training shuffles with a ``DistributedSampler`` (one replica by
-    default) seeded by ``args.seed`` and the epoch — call ``loader.sampler.set_epoch(epoch)`` — so
-    the order of every epoch is reproducible after a resume, and DDP only needs ``rank`` and
-    ``world_size``. Training drops the last incomplete batch (a batch of one breaks BatchNorm)
-    unless the dataset is smaller than one batch.
-    """
-    aug = dict(no_aug=getattr(args, "no_aug", False), scale=getattr(args, "scale", None),
-               ratio=getattr(args, "ratio", None), hflip=getattr(args, "hflip", 0.5),
-               color_jitter=getattr(args, "color_jitter", 0.4)) if is_training else {}
-    dataset.transform = create_transform(
-        input_size=data_config["input_size"], is_training=is_training,
-        interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        crop_pct=data_config["crop_pct"], crop_mode=data_config["crop_mode"], **aug)
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=is_training,
-                                 seed=getattr(args, "seed", 0), drop_last=False)
-    workers = getattr(args, "workers", 0)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-        drop_last=is_training and len(dataset) >= batch_size * world_size,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+def build_loader(dataset, data_config: Mapping[str, Any], is_training: bool, batch_size: int,
+                 args: argparse.Namespace, device: torch.device, rank: int = 0, world_size: int = 1):
+    """A train (:func:`linvision.training.data.build_train_loader`) or eval
+    (:func:`~linvision.training.data.build_eval_loader`) loader for one process of ``world_size``."""
+    env = DistEnv(device, rank, rank, world_size, world_size > 1)
+    if is_training:
+        args = argparse.Namespace(**dict(vars(args), batch_size=batch_size))
+        return build_train_loader(dataset, data_config, args, env)
+    return build_eval_loader(dataset, data_config, batch_size, args, env)
 
 
 def build_loaders(args: argparse.Namespace, datasets: Mapping[str, Any], data_config: Mapping[str, Any],
-                  device: torch.device) -> Tuple[DataLoader, DataLoader]:
+                  device: torch.device, env: Optional[DistEnv] = None):
     """Train and val loaders for ``datasets['train']`` / ``datasets['val']``; val batches are
     ``args.val_batch_size`` (default twice the train batch: no activations are kept)."""
-    train_loader = build_loader(datasets["train"], data_config, True, args.batch_size, args, device)
+    env = env or DistEnv(device)
+    train_loader = build_train_loader(datasets["train"], data_config, args, env)
     val_bs = getattr(args, "val_batch_size", None) or 2 * args.batch_size
-    val_loader = build_loader(datasets["val"], data_config, False, val_bs, args, device)
-    return train_loader, val_loader
+    return train_loader, build_eval_loader(datasets["val"], data_config, val_bs, args, env)
 
 
 # ----------------------------------------------------------------------------------------------
-# Model
+# Model, optimisation
 
-def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
-    """``timm.create_model(args.model, ...)`` with ``pretrained``, ``in_chans``, ``drop_path``
-    and ``model_kwargs`` from ``args``. The linvision families are registered with timm already:
-    importing this module runs ``linvision/__init__``."""
-    if not timm.is_model(args.model):
+def build_model(args: argparse.Namespace, num_classes: int, **overrides) -> nn.Module:
+    """``timm.create_model(args.model, ...)`` with ``pretrained``, ``in_chans``, ``drop_path``, ``drop``
+    and ``model_kwargs`` from ``args`` (``overrides`` win). The linvision families are registered
+    with timm already: importing this module runs ``linvision/__init__``."""
+    if ":" not in args.model and not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
         raise InputError(f"unknown model {args.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    return timm.create_model(
-        args.model, pretrained=getattr(args, "pretrained", False), num_classes=num_classes,
-        in_chans=getattr(args, "in_chans", None) or 3, drop_path_rate=getattr(args, "drop_path", None),
-        **(getattr(args, "model_kwargs", None) or {}))
+    kwargs = dict(pretrained=getattr(args, "pretrained", False), num_classes=num_classes,
+                  in_chans=getattr(args, "in_chans", None) or 3, drop_path_rate=getattr(args, "drop_path", None),
+                  drop_rate=getattr(args, "drop", None), **(getattr(args, "model_kwargs", None) or {}))
+    kwargs.update(overrides)
+    return timm.create_model(args.model, **kwargs)
+
+
+def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
+    """``--lr`` if given, else ``--lr-base`` × (global batch / ``--lr-base-size``), scaled linearly
+    (MAViT/RAVLT/DeiT rule) or by the square root (``--lr-base-scale sqrt``).
+
+    The global batch counts every rank and every accumulated micro-batch of one update."""
+    if getattr(args, "lr", None) is not None:
+        return float(args.lr)
+    ratio = global_batch / _arg(args, "lr_base_size", 512)
+    if _arg(args, "lr_base_scale", "linear") == "sqrt":
+        ratio = ratio ** 0.5
+    return float(_arg(args, "lr_base", 5e-4)) * ratio
+
+
+def build_train_loss(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
+    """timm train.py's choice: soft-target CE (or BCE) on mixup targets, else label-smoothing CE
+    (or BCE with smoothing), else plain CE."""
+    smoothing = _arg(args, "smoothing", 0.0)
+    bce = _arg(args, "bce_loss", False)
+    thresh = getattr(args, "bce_target_thresh", None)
+    if mixup_active:
+        return BinaryCrossEntropy(target_threshold=thresh) if bce else SoftTargetCrossEntropy()
+    if bce:
+        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=thresh)
+    return LabelSmoothingCrossEntropy(smoothing=smoothing) if smoothing else nn.CrossEntropyLoss()
 
 
 # ----------------------------------------------------------------------------------------------
 # Loops
 
+def _lr(optimizer: torch.optim.Optimizer) -> float:
+    # The unscaled lr: with --layer-decay the groups carry lr x lr_scale (largest for the head).
+    return max(group["lr"] for group in optimizer.param_groups)
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def train_one_epoch(
         model: nn.Module,
-        loader: DataLoader,
+        loader,
         optimizer: torch.optim.Optimizer,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         device: torch.device,
@@ -284,106 +224,207 @@ def train_one_epoch(
         progress: bool = True,
         desc: str = "train",
         log_interval: int = 10,
+        *,
+        clip_mode: str = "norm",
+        mixup_fn=None,
+        model_ema: Optional[ModelEmaV3] = None,
+        scaler: Optional[NativeScaler] = None,
+        grad_accum_steps: int = 1,
+        channels_last: bool = False,
+        wrapped: Optional[Wrapped] = None,
+        env: Optional[DistEnv] = None,
+        start_batch: int = 0,
+        meter: Optional[Mapping[str, float]] = None,
+        on_update: Optional[Callable[[int, int, Callable[[], Dict[str, float]]], None]] = None,
+        log: Optional[Callable[[str], None]] = None,
 ) -> Dict[str, float]:
-    """One pass over ``loader``, stepping ``scheduler.step_update`` after every optimizer update.
+    """One pass over ``loader`` (from batch ``start_batch``), one optimizer update every
+    ``grad_accum_steps`` batches.
 
     Args:
-        model: in any wrapper (DDP, compiled); put in train mode here.
+        model: the module to train (any wrapper); ignored when ``wrapped`` is given.
         loader: yields ``(images (B, C, H, W) float32, labels (B,) int64)``.
-        loss_fn: ``(logits (B, num_classes), labels) -> scalar``.
-        num_updates: optimizer updates before this epoch (the scheduler's clock).
+        loss_fn: ``(logits (B, num_classes), targets) -> scalar``; targets are soft after mixup.
+        scheduler: timm scheduler; ``step_update(num_updates)`` after every update.
+        num_updates: optimizer updates before this batch (the scheduler's and EMA's clock).
         amp_dtype: autocast dtype or None for full precision.
-        clip_grad: max global gradient norm, or None.
-        progress: show a tqdm bar (loss, lr, img/s).
-        log_interval: steps between reading the loss back (a device sync) for the bar.
+        clip_grad, clip_mode: ``dispatch_clip_grad`` value and mode (norm, value, agc).
+        progress: tqdm bar (loss, lr, img/s, ETA); without it a line every ``log_interval``
+            steps goes to ``log``.
+        mixup_fn: timm ``Mixup`` applied to each batch on the device.
+        model_ema: updated after every optimizer update.
+        scaler: timm ``NativeScaler`` (fp16), which does backward, unscale+clip and step.
+        grad_accum_steps: micro-batches per update; the gradient all-reduce runs on the last one only.
+        wrapped: the model as :func:`linvision.training.distributed.wrap_model` prepared it.
+        env: ranks to sum the epoch's loss over.
+        start_batch: batches of this epoch already done (mid-epoch resume); the loader must
+            already start there (map-style) or is advanced here (iterable sources).
+        meter: ``{"loss_sum", "seen", "time"}`` of those batches, so the epoch's mean is exact.
+        on_update: called after every update with ``(batches_done, num_updates, meter_fn)``
+            (``meter_fn()`` returns the running meter); the loop saves checkpoints there.
 
     Returns:
-        ``{"loss": mean loss per image, "lr": last lr, "img_per_sec", "time", "num_updates"}``.
+        ``{"loss": mean loss per image over all ranks, "lr", "img_per_sec" (all ranks),
+        "time", "num_updates", "num_images"}``.
     """
-    model.train()
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    seen = 0
+    w = wrapped or Wrapped(model, model, _unwrap(model), "single")
+    env = env or DistEnv(device)
+    w.train.train()
+    num_batches = len(loader)
+    accum = max(1, int(grad_accum_steps))
+    updates_per_epoch = math.ceil(num_batches / accum)
+    last_group = num_batches - (updates_per_epoch - 1) * accum
+    meter = dict(meter or {})
+    loss_sum = torch.tensor(float(meter.get("loss_sum", 0.0)), device=device, dtype=torch.float64)
+    seen, prior_time = int(meter.get("seen", 0)), float(meter.get("time", 0.0))
+    params = [p for p in w.bare.parameters() if p.requires_grad]
     start = time.perf_counter()
-    bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, mininterval=0.5)
-    for step, (images, labels) in enumerate(bar):
+    bar = tqdm(total=num_batches, initial=start_batch, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True, mininterval=0.5)
+    iterator = iter(loader)
+    if start_batch and train_sampler(loader) is None:
+        for _ in range(start_batch):  # an iterable source cannot seek: re-read the batches done
+            next(iterator)
+
+    def running() -> Dict[str, float]:
+        return {"loss_sum": loss_sum.item(), "seen": seen, "time": prior_time + time.perf_counter() - start}
+
+    optimizer.zero_grad(set_to_none=True)
+    batch_idx = start_batch
+    for batch_idx in range(start_batch, num_batches):
+        try:
+            images, labels = next(iterator)
+        except StopIteration:  # an iterable source's length is an estimate
+            break
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with _autocast(device, amp_dtype):
-            loss = loss_fn(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        num_updates += 1
-        if scheduler is not None:
-            scheduler.step_update(num_updates=num_updates)
+        if mixup_fn is not None:
+            images, labels = mixup_fn(images, labels)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        group = last_group if batch_idx // accum == updates_per_epoch - 1 else accum
+        need_update = (batch_idx + 1) % accum == 0 or batch_idx + 1 == num_batches
+        with w.grad_sync(need_update):
+            with _autocast(device, amp_dtype):
+                loss = loss_fn(w.train(images), labels)
+            scaled = loss / group if group > 1 else loss
+            if scaler is not None:
+                scaler(scaled, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=params,
+                       need_update=need_update)
+            else:
+                scaled.backward()
+                if need_update:
+                    if clip_grad:
+                        dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+                    optimizer.step()
         loss_sum += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
-        if step % log_interval == 0 or step == len(loader) - 1:
-            mean_loss = loss_sum.item() / seen
+        if need_update:
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates)
+            if model_ema is not None:
+                model_ema.update(w.bare, step=num_updates)
+            if on_update is not None:
+                on_update(batch_idx + 1, num_updates, running)
+        bar.update(1)
+        done = batch_idx + 1 - start_batch
+        # The bar refreshes every 10 steps at most; log lines (no bar) come every log_interval.
+        if done % (min(log_interval, 10) if progress else log_interval) == 0 or batch_idx == num_batches - 1:
+            mean_loss = loss_sum.item() / max(seen, 1)
             if not np.isfinite(mean_loss):
-                raise FloatingPointError(f"{desc}: loss became {mean_loss} at step {step}; lower --lr "
+                raise FloatingPointError(f"{desc}: loss became {mean_loss} at step {batch_idx}; lower --lr "
                                          f"or enable --clip-grad")
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                            img_s=f"{seen / (time.perf_counter() - start):.0f}", refresh=False)
+            elapsed = time.perf_counter() - start
+            rate = done * images.shape[0] * env.world_size / max(elapsed, 1e-9)
+            lr = _lr(optimizer)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+            if not progress and log is not None and done % log_interval == 0:
+                eta = elapsed / done * (num_batches - batch_idx - 1)
+                log(f"  {desc} step {batch_idx + 1}/{num_batches}  loss {mean_loss:.4f}  lr {lr:.2e}  "
+                    f"{rate:.0f} img/s  eta {_fmt_time(eta)}")
     bar.close()
-    elapsed = time.perf_counter() - start
-    return {"loss": loss_sum.item() / max(seen, 1), "lr": optimizer.param_groups[0]["lr"],
-            "img_per_sec": seen / elapsed, "time": elapsed, "num_updates": num_updates}
+    totals = env.sum(torch.stack([loss_sum, torch.tensor(float(seen), device=device, dtype=torch.float64)]))
+    elapsed = prior_time + time.perf_counter() - start
+    total_seen = int(totals[1].item())
+    return {"loss": totals[0].item() / max(total_seen, 1), "lr": _lr(optimizer),
+            "img_per_sec": total_seen / max(elapsed, 1e-9), "time": elapsed, "num_updates": num_updates,
+            "num_images": total_seen}
 
 
 @torch.no_grad()
 def evaluate(
         model: nn.Module,
-        loader: DataLoader,
+        loader,
         device: torch.device,
         amp_dtype: Optional[torch.dtype] = None,
         progress: bool = True,
         desc: str = "val",
+        *,
+        env: Optional[DistEnv] = None,
+        lockstep: bool = False,
+        channels_last: bool = False,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean cross-entropy of ``model`` over ``loader``.
 
+    Under torchrun every rank evaluates its share and the correct counts and loss sums are summed
+    over ranks, so the result is the same on every rank and equals a single-process run.
+
+    Args:
+        env: ranks to sum over (default: this process only).
+        lockstep: every rank runs as many forwards as the rank with the most batches (FSDP, whose
+            forward is a collective); the extra ones are discarded.
+
     Returns:
         ``{"loss", "top1", "top5", "num_images", "img_per_sec", "time"}``; ``img_per_sec``
-        covers the whole loop (data loading included). top-5 is top-k with
+        covers the whole loop (data loading included) and all ranks. top-5 is top-k with
         k = min(5, num_classes).
     """
+    env = env or DistEnv(device)
     model.eval()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss, top-1, top-5 (sums)
-    seen = 0
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top-1 hits, top-5 hits, images
+    num_batches = len(loader)
+    steps = env.max_int(num_batches) if lockstep else num_batches
     start = time.perf_counter()
+    last = None
     for images, labels in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True,
                                mininterval=0.5):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp_dtype):
             logits = model(images)
         logits = logits.float()
-        top1, top5 = accuracy(logits, labels, topk=(1, 5))
-        n = images.shape[0]
-        totals += torch.stack([F.cross_entropy(logits, labels).double(), top1.double(), top5.double()]) * n
-        seen += n
-    loss, top1, top5 = (totals / max(seen, 1)).tolist()
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(labels[:, None])
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               hits[:, 0].sum().double(), hits.sum().double(),
+                               torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
+        last = images[:1]
+    for _ in range(steps - num_batches):  # FSDP: keep the other ranks' all-gathers company
+        with _autocast(device, amp_dtype):
+            model(last if last is not None else _dummy_input(loader, device))
+    totals = env.sum(totals)
+    loss_sum, top1, top5, seen = totals.tolist()
+    seen = int(seen)
     elapsed = time.perf_counter() - start
-    # timm's accuracy() works in float32; round off its representation noise (97.39999…).
-    return {"loss": loss, "top1": round(top1, 4), "top5": round(top5, 4), "num_images": seen,
-            "img_per_sec": seen / elapsed, "time": elapsed}
+    return {"loss": loss_sum / max(seen, 1), "top1": round(100.0 * top1 / max(seen, 1), 4),
+            "top5": round(100.0 * top5 / max(seen, 1), 4), "num_images": seen,
+            "img_per_sec": seen / max(elapsed, 1e-9), "time": elapsed}
+
+
+def _dummy_input(loader, device: torch.device) -> torch.Tensor:
+    size = getattr(loader, "input_size", None)
+    if size is None:
+        ds = loader.dataset
+        item = ds[0] if len(ds) else None
+        size = tuple(item[0].shape) if item is not None and hasattr(item[0], "shape") else (3, 224, 224)
+    return torch.zeros((1, *size), device=device)
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def _plain(value: Any) -> Any:
-    """``value`` reduced to containers of str/int/float/bool/None (``weights_only``-safe, JSON-able)."""
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return str(value)
-
+# Checkpoint contents
 
 def _unwrap(model: nn.Module) -> nn.Module:
     # DDP wraps in .module, torch.compile in ._orig_mod; checkpoints hold the bare model's keys.
@@ -394,101 +435,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def save_training_state(
-        output_dir: os.PathLike,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler,
-        epoch: int,
-        num_updates: int,
-        best: Mapping[str, Any],
-        args: argparse.Namespace,
-        weights_meta: Mapping[str, Any],
-        is_best: bool,
-) -> Dict[str, Path]:
-    """Write ``last.safetensors`` then ``last_state.pth`` (and ``best.safetensors`` when
-    ``is_best``), each atomically.
-
-    Args:
-        epoch: the 0-based epoch just finished; a resume continues with ``epoch + 1``.
-        best: ``{"top1", "epoch"}`` of the best epoch so far (including this one).
-        weights_meta: run information for the weights files (model, classes, data config…);
-            ``epoch`` is added so that a resume can check the weights match the state.
-
-    The weights are written first: if the process dies between the two files, the state still
-    names the previous epoch and :func:`load_training_state` reports the mismatch instead of
-    silently pairing new weights with an old optimizer.
-    """
-    out = Path(output_dir)
-    state_dict = _unwrap(model).state_dict()
-    meta = dict(weights_meta, epoch=epoch)
-    paths = {"last": save_weights(state_dict, out / LAST_WEIGHTS, meta)}
-    if is_best:
-        paths["best"] = save_weights(state_dict, out / BEST_WEIGHTS, meta)
-    state = {
-        "format": "linvision.train_state/1",
-        "weights_file": LAST_WEIGHTS,
-        "epoch": epoch,
-        "num_updates": num_updates,
-        "best": _plain(dict(best)),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": capture_rng_state(),
-        "args": _plain(vars(args)),
-    }
-    paths["state"] = save_state(state, out / LAST_STATE)
-    return paths
+def _weights_meta(args: argparse.Namespace, num_classes: int, class_to_idx: Mapping[str, int],
+                  data_config: Mapping[str, Any]) -> Dict[str, Any]:
+    meta = {"model": args.model, "num_classes": num_classes, "in_chans": data_config["input_size"][0],
+            "model_kwargs": getattr(args, "model_kwargs", None) or {},
+            "classes": sorted(class_to_idx, key=class_to_idx.get) if class_to_idx else None}
+    meta.update({k: data_config[k] for k in _DATA_KEYS})
+    return _plain(meta)
 
 
-def load_training_state(path: os.PathLike, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                        scheduler=None, device: torch.device = torch.device("cpu")) -> Dict[str, Any]:
-    """Restore model weights, optimizer, scheduler position and RNG states from a ``last_state.pth``.
-
-    Returns:
-        ``{"epoch", "num_updates", "best", "args"}`` as saved (``epoch`` = last finished epoch).
-    """
-    path = Path(path)
-    try:
-        state = load_state(path)
-    except (OSError, RuntimeError) as e:
-        raise InputError(f"cannot read training state {path}: {e}") from e
-    if not isinstance(state, dict) or not str(state.get("format", "")).startswith("linvision.train_state/"):
-        raise InputError(f"{path} is not a linvision training-state file (expected {LAST_STATE})")
-    weights = path.parent / state["weights_file"]
-    if not weights.is_file():
-        raise InputError(f"{path} needs its weights file {weights}, which is missing")
-    weights_epoch = read_weights_metadata(weights).get("epoch")
-    if weights_epoch != state["epoch"]:
-        raise InputError(
-            f"{weights} is from epoch {weights_epoch} but {path} from epoch {state['epoch']} (the run "
-            f"stopped between the two writes); resume from an intact pair or start again")
-    _unwrap(model).load_state_dict(load_weights(weights, device="cpu"))
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        # timm schedulers hold only their configuration, so the saved one is kept for the record
-        # and the schedule built from the current flags is moved to the saved position instead
-        # (as timm's train.py does): resuming with a longer --epochs stretches the schedule.
-        scheduler.step_update(num_updates=state["num_updates"])
-    restore_rng_state(state["rng"])
-    return {k: state[k] for k in ("epoch", "num_updates", "best", "args")}
-
-
-def resolve_resume(resume: Optional[str], output_dir: os.PathLike) -> Optional[Path]:
-    """The state file to resume from: ``None``/``""`` → none; ``"auto"`` → ``<output>/last_state.pth``
-    if it exists (else none, so a restarted job begins fresh); a directory → its ``last_state.pth``;
-    a weights file → the ``last_state.pth`` beside it; otherwise the path itself."""
-    if not resume:
-        return None
-    if resume == "auto":
-        candidate = Path(output_dir) / LAST_STATE
-        return candidate if candidate.is_file() else None
-    path = Path(resume)
-    if path.is_dir() or path.suffix == ".safetensors":
-        path = (path if path.is_dir() else path.parent) / LAST_STATE
-    if not path.is_file():
-        raise InputError(f"--resume: no training state at {path}")
-    return path
+def _ema_generator(model_ema: Optional[ModelEmaV3]) -> Optional[torch.Generator]:
+    return getattr(model_ema, "_sr_generator", None) if model_ema is not None else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,101 +454,341 @@ def resolve_resume(resume: Optional[str], output_dir: os.PathLike) -> Optional[P
 def _resolve_num_classes(requested: Optional[int], class_to_idx: Mapping[str, int]) -> int:
     found = len(class_to_idx)
     if requested is None:
+        if not found:
+            raise InputError("the dataset has no class names; pass --num-classes")
         return found
     if requested < found:
         raise InputError(f"--num-classes {requested} is smaller than the {found} class folders in the data")
     return requested
 
 
-def _weights_meta(args: argparse.Namespace, num_classes: int, class_to_idx: Mapping[str, int],
-                  data_config: Mapping[str, Any]) -> Dict[str, Any]:
-    meta = {"model": args.model, "num_classes": num_classes, "in_chans": data_config["input_size"][0],
-            "model_kwargs": getattr(args, "model_kwargs", None) or {},
-            "classes": sorted(class_to_idx, key=class_to_idx.get)}
-    meta.update({k: data_config[k] for k in _DATA_KEYS})
-    return _plain(meta)
+def _epoch_line(epoch: int, epochs: int, train_m: Mapping[str, float], val_m: Optional[Mapping[str, float]],
+                ema_m: Optional[Mapping[str, float]]) -> str:
+    line = f"epoch {epoch + 1}/{epochs}  train loss {train_m['loss']:.4f}  "
+    if val_m is not None:
+        line += f"val loss {val_m['loss']:.4f} top-1 {val_m['top1']:.2f} top-5 {val_m['top5']:.2f}  "
+    if ema_m is not None:
+        line += f"ema top-1 {ema_m['top1']:.2f} top-5 {ema_m['top5']:.2f}  "
+    extra = (val_m or {}).get("time", 0.0) + (ema_m or {}).get("time", 0.0)
+    return line + (f"lr {train_m['lr']:.2e}  {train_m['img_per_sec']:.0f} img/s  "
+                   f"time {train_m['time'] + extra:.1f}s")
 
 
-def _epoch_line(epoch: int, epochs: int, train_m: Mapping[str, float], val_m: Mapping[str, float]) -> str:
-    return (f"epoch {epoch + 1}/{epochs}  train loss {train_m['loss']:.4f}  "
-            f"val loss {val_m['loss']:.4f} top-1 {val_m['top1']:.2f} top-5 {val_m['top5']:.2f}  "
-            f"lr {train_m['lr']:.2e}  {train_m['img_per_sec']:.0f} img/s  "
-            f"time {train_m['time'] + val_m['time']:.1f}s")
+def _dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    return dict(dataset=_arg(args, "dataset", ""), download=_arg(args, "dataset_download", False),
+                batch_size=args.batch_size, seed=_arg(args, "seed", 0),
+                split_names={"train": _arg(args, "train_split", "train"), "val": _arg(args, "val_split", "val")},
+                num_samples={"train": getattr(args, "train_num_samples", None),
+                             "val": getattr(args, "val_num_samples", None)})
 
 
-def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Train ``args.model`` on the ImageFolder tree at ``args.data_dir`` and evaluate every epoch.
+def _primary_log(env: DistEnv, log: Callable[[str], None]) -> Callable[[str], None]:
+    return log if env.is_primary else (lambda message: None)
 
-    Checkpoints go to ``args.output`` (see the module docstring). ``args.resume`` (path or
-    ``"auto"``) restores weights, optimizer, scheduler, counters and RNG states and continues with
-    the next epoch.
 
-    Returns:
-        ``{"best_top1", "best_epoch" (1-based), "last": val metrics of the final epoch or None,
-        "epochs_run", "output", "best_checkpoint", "last_checkpoint"}``.
+def train(args: argparse.Namespace, log: Callable[[str], None] = print,
+          config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """Train ``args.model`` and evaluate it (and its EMA) every ``--eval-interval`` epochs.
+
+    Args:
+        args: the namespace ``tools/train.py`` builds (field names follow timm's ``train.py``).
+        log: console printer (rank 0 only).
+        config: the resolved settings to save as ``config.yaml`` (default: ``vars(args)``).
+
+    Returns (on every rank):
+        ``{"best_top1", "best_epoch" (1-based), "best_source" ("model"/"ema"), "last": val
+        metrics of the final epoch, "last_ema", "history": per-epoch rows, "epochs_run",
+        "num_updates", "img_per_sec", "time", "peak_mem_mb", "rank", "world_size", "output",
+        "best_checkpoint", "last_checkpoint"}``.
     """
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp_dtype(args.amp, device)
-    random_seed(args.seed)
+    run_start = time.perf_counter()
+    env = init_distributed(getattr(args, "device", None), getattr(args, "dist_backend", None))
+    device = env.device
+    amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
+    if _arg(args, "deterministic", False):
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    # The same initial weights on every rank (FSDP shards each rank's own copy); data order,
+    # augmentation and drop path then draw from per-rank streams.
+    random_seed(args.seed, 0)
+    output = Path(args.output)
+    monitor = RunMonitor(output, enabled=env.is_primary, tensorboard=_arg(args, "tensorboard", False), echo=log)
+    say = monitor.log
 
-    datasets, class_to_idx = create_datasets(args.data_dir, ("train", "val"), in_chans=args.in_chans)
+    # Data and model
+    datasets, class_to_idx = create_datasets(args.data_dir, ("train", "val"), in_chans=args.in_chans,
+                                             **_dataset_kwargs(args))
     num_classes = _resolve_num_classes(args.num_classes, class_to_idx)
-    model = build_model(args, num_classes).to(device)
+    model = build_model(args, num_classes)
+    if _arg(args, "grad_checkpointing", False):
+        model.set_grad_checkpointing(True)
+    random_seed(args.seed, env.rank)
     data_config = resolve_data_config(args, model)
-    train_loader, val_loader = build_loaders(args, datasets, data_config, device)
+    model.to(device)
+    channels_last = bool(_arg(args, "channels_last", False))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if env.distributed and _arg(args, "sync_bn", False):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    accum = max(1, int(_arg(args, "grad_accum_steps", 1)))
+    global_batch = args.batch_size * env.world_size * accum
+    model_ema = None
+    fsdp = bool(_arg(args, "fsdp", False)) and env.distributed
+    if _arg(args, "model_ema", False):
+        decay = float(_arg(args, "model_ema_decay", 0.9998))
+        if getattr(args, "model_ema_decay_base_size", None):
+            decay = decay ** (global_batch / args.model_ema_decay_base_size)
+        # Under FSDP parameters are DTensors but buffers plain tensors, which one foreach call
+        # cannot mix: update tensor by tensor there.
+        model_ema = ModelEmaV3(model, decay=decay, warmup_power=3 / 4, foreach=not fsdp,
+                               use_warmup=bool(_arg(args, "model_ema_warmup", False)))
+    compile_mode = getattr(args, "torchcompile", None)
+    w = wrap_model(model, env, fsdp=fsdp, compile_mode=compile_mode,
+                   broadcast_buffers=not _arg(args, "no_ddp_bb", False),
+                   extra_fsdp=(model_ema.module,) if (fsdp and model_ema is not None) else ())
+
+    if _arg(args, "fsdp", False) and not env.distributed:
+        say("note: --fsdp needs several processes (torchrun); training unsharded")
+    if fsdp and amp_dtype == torch.float16:
+        say("warning: --fsdp with float16 uses the plain GradScaler, whose overflow check is per rank "
+            "(untested); prefer --amp-dtype bfloat16")
+    lr = resolve_lr(args, global_batch)
+    opt_kwargs = {}
+    if getattr(args, "opt_eps", None) is not None:
+        opt_kwargs["eps"] = args.opt_eps
+    if getattr(args, "opt_betas", None):
+        opt_kwargs["betas"] = tuple(args.opt_betas)
+    optimizer = create_optimizer_v2(w.bare, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum, layer_decay=getattr(args, "layer_decay", None),
+                                    **opt_kwargs)
+    scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
+
+    train_loader, val_loader = build_loaders(args, datasets, data_config, device, env)
     if len(train_loader) == 0:
         raise InputError(f"{args.data_dir}: the train split gives no batches")
-
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    updates_per_epoch = math.ceil(len(train_loader) / accum)
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
-        updates_per_epoch=len(train_loader))
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=args.smoothing)
-
-    output = Path(args.output)
-    start_epoch, num_updates, best = 0, 0, {"top1": None, "epoch": None}
-    resume_path = resolve_resume(args.resume, output)
-    if resume_path is not None:
-        restored = load_training_state(resume_path, model, optimizer, scheduler, device)
-        if restored["args"].get("model") != args.model:
-            raise InputError(f"--resume {resume_path} was trained as {restored['args'].get('model')!r}, "
-                             f"not {args.model!r}")
-        start_epoch, num_updates, best = restored["epoch"] + 1, restored["num_updates"], restored["best"]
-        log(f"resumed from {resume_path} after epoch {start_epoch}/{num_epochs}")
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"{args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {tuple(data_config['input_size'])}, "
-        f"{len(datasets['train'])} train / {len(datasets['val'])} val images, {num_epochs} epochs of "
-        f"{len(train_loader)} steps, device {device}, amp {amp_dtype or 'off'}, output {output}")
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=_arg(args, "cooldown_epochs", 0),
+        decay_epochs=getattr(args, "decay_epochs", None), decay_rate=_arg(args, "decay_rate", 0.1),
+        step_on_epochs=not _arg(args, "sched_on_updates", True), updates_per_epoch=updates_per_epoch)
+    mixup_fn = create_mixup(args, num_classes)
+    loss_fn = build_train_loss(args, mixup_fn is not None).to(device)
+    sampler = train_sampler(train_loader)
     meta = _weights_meta(args, num_classes, class_to_idx, data_config)
+    manager = CheckpointManager(output, keep_last=_arg(args, "keep_last", 3), log=say)
 
-    val_m = None
+    # Resume
+    start_epoch, start_batch, num_updates = 0, 0, 0
+    best: Dict[str, Any] = {"top1": None, "epoch": None, "source": None}
+    history: List[Dict[str, Any]] = []
+    resume_meter: Optional[Dict[str, float]] = None
+    found, problem = None, None
+    if env.is_primary:  # rank 0 verifies (sha256) and tells the others which set to load
+        try:
+            found = resolve_resume(args.resume, output, log=say, keep_last=manager.keep_last)
+        except InputError as e:
+            problem = str(e)
+    found_path, problem = env.broadcast_object((str(found.path) if found is not None else None, problem))
+    if problem is not None:
+        raise InputError(problem)
+    if found_path is not None:
+        ckpt = found if env.is_primary else resolve_resume(found_path, output, log=say, check_hash=False)
+        restored = _restore(ckpt, args, w, optimizer, scaler, model_ema, env, say)
+        state = restored["state"]
+        start_epoch, start_batch, num_updates = state["next_epoch"], state["batches_done"], state["num_updates"]
+        best, history = dict(restored["best"]), list(state.get("history") or [])
+        resume_meter = state.get("epoch_progress")
+        if env.is_primary:
+            manager.discard_newer(num_updates)
+        if start_batch and (state.get("world_size", env.world_size) != env.world_size
+                            or state.get("global_batch", global_batch) != global_batch):
+            say(f"warning: the checkpoint was taken with {state.get('world_size')} processes and global batch "
+                f"{state.get('global_batch')}, this run has {env.world_size} and {global_batch}: epoch "
+                f"{start_epoch + 1} continues after {start_batch} batches but in a different sample order")
+        say(f"resumed from {ckpt.path} at epoch {start_epoch + 1}/{num_epochs}"
+            + (f", batch {start_batch}/{len(train_loader)}" if start_batch else "")
+            + f" ({num_updates} updates done)")
+    if scheduler is not None:
+        scheduler.step_update(num_updates=num_updates)
+
+    if env.is_primary:
+        save_config(config if config is not None else _plain(vars(args)), output / "config.yaml", header=[
+            f"resolved config of {args.model} (tools/train.py -c reads it back)",
+            f"world size {env.world_size}, global batch {global_batch}, lr {lr:.6g}, torch {torch.__version__}, "
+            f"timm {timm.__version__}"])
+    n_params = sum(p.numel() for p in model.parameters())
+    say(f"{args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {tuple(data_config['input_size'])}, "
+        f"{len(datasets['train'])} train / {len(datasets['val'])} val images, {num_epochs} epochs of "
+        f"{len(train_loader)} steps, {env.world_size} x {device}, global batch {global_batch}, lr {lr:.3g}, "
+        f"amp {amp_dtype or 'off'}, {w.kind}{' + compile' if compile_mode else ''}"
+        f"{', ema' if model_ema is not None else ''}, output {output}")
+
+    def checkpoint(next_epoch: int, batches_done: int, meter: Optional[Dict[str, float]],
+                   best_source: Optional[str] = None) -> None:
+        """Save one set (and ``best.safetensors`` first when ``best_source`` names a new best: a
+        crash in between then repeats the epoch rather than leave a stale best file)."""
+        model_state = optim_state = ema_state = None
+        if w.kind == "fsdp" or env.is_primary:  # a collective under FSDP, a CPU copy otherwise
+            model_state, optim_state = full_state(w.bare, optimizer)
+            ema_state = full_model_state(model_ema.module) if model_ema is not None else None
+        rng = env.gather_objects(capture_rng_state())
+        if not env.is_primary:
+            return
+        if best_source is not None:
+            manager.save_best(ema_state if best_source == "ema" else model_state,
+                              dict(meta, epoch=next_epoch - 1, top1=best["top1"], source=best_source))
+        gen = _ema_generator(model_ema)
+        state = {
+            "format": "linvision.train_state/2",
+            "epoch": next_epoch - 1,  # the last finished epoch (-1: none)
+            "next_epoch": next_epoch,
+            "batches_done": batches_done,
+            "num_updates": num_updates_box[0],
+            "epoch_progress": meter,
+            "best": _plain(best),
+            "history": _plain(history),
+            "optimizer": optim_state,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": rng,
+            "ema_generator": gen.get_state() if gen is not None else None,
+            "world_size": env.world_size,
+            "global_batch": global_batch,
+            "args": _plain(vars(args)),
+        }
+        manager.save(num_updates_box[0], model_state, state, dict(meta, epoch=next_epoch - 1), ema=ema_state)
+
+    num_updates_box = [num_updates]
+    save_every = int(_arg(args, "save_every_steps", 0))
+
+    def on_update(batches_done: int, updates: int, meter_fn) -> None:
+        num_updates_box[0] = updates
+        if save_every and updates % save_every == 0 and batches_done < len(train_loader):
+            checkpoint(epoch_box[0], batches_done, meter_fn())
+
+    epoch_box = [start_epoch]
+    eval_interval = int(_arg(args, "eval_interval", 1))
+    val_m = ema_m = None
+    session = []
     for epoch in range(start_epoch, num_epochs):
-        train_loader.sampler.set_epoch(epoch)
+        epoch_box[0] = epoch
+        set_loader_epoch(train_loader, epoch)
+        skip = start_batch if epoch == start_epoch else 0
+        if skip and sampler is not None:
+            sampler.skip(skip * args.batch_size)
+        if scheduler is not None:
+            scheduler.step(epoch)
+        if mixup_fn is not None and getattr(args, "mixup_off_epoch", None) and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
         train_m = train_one_epoch(
-            model, train_loader, optimizer, loss_fn, device, scheduler=scheduler, num_updates=num_updates,
-            amp_dtype=amp_dtype, clip_grad=args.clip_grad, progress=args.progress,
-            desc=f"epoch {epoch + 1}/{num_epochs}")
-        num_updates = train_m["num_updates"]
-        val_m = evaluate(model, val_loader, device, amp_dtype, progress=args.progress)
-        is_best = best["top1"] is None or val_m["top1"] > best["top1"]
-        if is_best:
-            best = {"top1": val_m["top1"], "epoch": epoch}
-        save_training_state(output, model, optimizer, scheduler, epoch, num_updates, best, args,
-                            dict(meta, top1=val_m["top1"]), is_best)
-        update_summary(epoch, {"loss": train_m["loss"]}, {k: val_m[k] for k in ("loss", "top1", "top5")},
-                       str(output / SUMMARY), lr=train_m["lr"], write_header=epoch == 0)
-        log(_epoch_line(epoch, num_epochs, train_m, val_m))
+            w.train, train_loader, optimizer, loss_fn, device, scheduler=scheduler, num_updates=num_updates_box[0],
+            amp_dtype=amp_dtype, clip_grad=getattr(args, "clip_grad", None), progress=args.progress and env.is_primary,
+            desc=f"epoch {epoch + 1}/{num_epochs}", log_interval=_arg(args, "log_interval", 50),
+            clip_mode=_arg(args, "clip_mode", "norm"), mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler,
+            grad_accum_steps=accum, channels_last=channels_last, wrapped=w, env=env, start_batch=skip,
+            meter=resume_meter if skip else None, on_update=on_update, log=say)
+        num_updates_box[0] = train_m["num_updates"]
+        dist_bn = _arg(args, "dist_bn", "reduce")
+        if env.distributed and not _arg(args, "sync_bn", False) and dist_bn in ("reduce", "broadcast"):
+            # BatchNorm statistics drift apart per rank; average (or copy rank 0's) once per epoch.
+            distribute_bn(w.bare, env.world_size, dist_bn == "reduce")
+            if model_ema is not None:
+                distribute_bn(model_ema.module, env.world_size, dist_bn == "reduce")
+        val_m = ema_m = None
+        if (eval_interval and (epoch + 1) % eval_interval == 0) or epoch == num_epochs - 1:
+            val_m = evaluate(w.eval, val_loader, device, amp_dtype, progress=args.progress and env.is_primary,
+                             env=env, lockstep=w.eval_needs_lockstep, channels_last=channels_last)
+            if model_ema is not None:
+                ema_m = evaluate(model_ema.module, val_loader, device, amp_dtype, desc="val (ema)",
+                                 progress=args.progress and env.is_primary, env=env,
+                                 lockstep=w.eval_needs_lockstep, channels_last=channels_last)
+        best_source = None
+        for source, m in (("model", val_m), ("ema", ema_m)):
+            if m is not None and (best["top1"] is None or m["top1"] > best["top1"]):
+                best, best_source = {"top1": m["top1"], "epoch": epoch, "source": source}, source
+        peak = peak_memory_mb(device)
+        row = {"epoch": epoch + 1, "train_loss": train_m["loss"], "img_per_sec": train_m["img_per_sec"],
+               "time": train_m["time"], "lr": train_m["lr"], "peak_mem_mb": peak,
+               "top1": (val_m or {}).get("top1"), "top5": (val_m or {}).get("top5"),
+               "ema_top1": (ema_m or {}).get("top1"), "ema_top5": (ema_m or {}).get("top5")}
+        history.append(row)
+        session.append(row)
+        checkpoint(epoch + 1, 0, None, best_source)
+        monitor.epoch(epoch, train_m, val_m, ema_m, train_m["lr"], peak, num_updates_box[0])
+        say(_epoch_line(epoch, num_epochs, train_m, val_m, ema_m))
+        resume_meter = None
 
+    total_time = time.perf_counter() - run_start
+    peak = peak_memory_mb(device)
+    rates = [r["img_per_sec"] for r in session]
+    summary = {
+        "model": args.model, "best_top1": best["top1"],
+        "best_epoch": None if best["epoch"] is None else best["epoch"] + 1, "best_source": best["source"],
+        "epochs_run": num_epochs - start_epoch, "num_updates": num_updates_box[0], "time": total_time,
+        "img_per_sec": float(np.median(rates)) if rates else None, "peak_mem_mb": peak,
+        "world_size": env.world_size, "global_batch": global_batch, "device": str(device),
+        "last": val_m, "last_ema": ema_m,
+    }
     best_path = output / BEST_WEIGHTS
-    if best["top1"] is not None:
-        log(f"best val top-1 {best['top1']:.2f} (epoch {best['epoch'] + 1}); checkpoint {best_path}")
-    return {"best_top1": best["top1"], "best_epoch": None if best["epoch"] is None else best["epoch"] + 1,
-            "last": val_m, "epochs_run": num_epochs - start_epoch, "output": output,
-            "best_checkpoint": best_path, "last_checkpoint": output / LAST_WEIGHTS}
+    if env.is_primary:
+        write_json(_plain(dict(summary, history=history)), output / RUN_SUMMARY)
+        if best["top1"] is not None:
+            say(f"best val top-1 {best['top1']:.2f} ({best['source']}, epoch {best['epoch'] + 1}); checkpoint {best_path}")
+        say(f"done: {summary['epochs_run']} epochs in {_fmt_time(total_time)}, "
+            + (f"{summary['img_per_sec']:.0f} img/s (median epoch, all ranks), " if rates else "")
+            + f"peak memory {peak:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'}, rank 0)")
+    monitor.close()
+    env.barrier()  # nobody reads the output before rank 0 has written it
+    return dict(summary, history=history, rank=env.rank, output=output, best_checkpoint=best_path,
+                last_checkpoint=output / LAST_WEIGHTS)
 
+
+def _restore(ckpt: Checkpoint, args: argparse.Namespace, w: Wrapped, optimizer, scaler, model_ema,
+             env: DistEnv, say: Callable[[str], None]) -> Dict[str, Any]:
+    """Load a checkpoint set into the (wrapped) model, EMA, optimizer and scaler; restore this
+    rank's RNG states. Returns ``{"state", "best"}`` with the counters normalised to format 2."""
+    loaded = ckpt.load()
+    state = loaded["state"]
+    trained_as = (state.get("args") or {}).get("model")
+    if trained_as != args.model:
+        raise InputError(f"--resume {ckpt.path} was trained as {trained_as!r}, not {args.model!r}")
+    if state["format"] == "linvision.train_state/1":  # epoch-end states before manifests
+        state.update(next_epoch=state["epoch"] + 1, batches_done=0)
+        optim = state["optimizer"]
+        load_full_state(w.bare, None, loaded["weights"], None)
+        optimizer.load_state_dict(optim)
+    else:
+        load_full_state(w.bare, optimizer, loaded["weights"], state["optimizer"])
+    if model_ema is not None:
+        if loaded["ema"] is not None:
+            load_full_model_state(model_ema.module, loaded["ema"])
+        else:
+            say("warning: the checkpoint has no EMA weights; the EMA restarts from the model weights")
+            load_full_model_state(model_ema.module, loaded["weights"])
+        gen = _ema_generator(model_ema)
+        if gen is not None and state.get("ema_generator") is not None:
+            gen.set_state(state["ema_generator"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    if isinstance(rng, dict):  # format 1: one process
+        rng = [rng]
+    if len(rng) == env.world_size:
+        restore_rng_state(rng[env.rank])
+    else:
+        say(f"warning: the checkpoint holds RNG states of {len(rng)} processes, this run has {env.world_size}; "
+            f"random streams are reseeded")
+        random_seed(args.seed + state["num_updates"], env.rank)
+    best = state.get("best") or {}
+    best = {"top1": best.get("top1"), "epoch": best.get("epoch"), "source": best.get("source", "model")}
+    return {"state": state, "best": best}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation program
 
 def _apply_checkpoint_defaults(args: argparse.Namespace, meta: Mapping[str, Any]) -> None:
     """Fill the model/input settings the user left unset from a linvision weights file's metadata."""
@@ -602,51 +799,116 @@ def _apply_checkpoint_defaults(args: argparse.Namespace, meta: Mapping[str, Any]
         args.input_size = list(meta["input_size"])
 
 
-def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
-    """Evaluate ``args.checkpoint`` (``.safetensors``/``.pth``) or ``--pretrained`` weights on one split.
+def _checkpoint_file(path: Path) -> Path:
+    """The weights file a ``--checkpoint`` names (a manifest names its ``weights``)."""
+    if not path.is_file():
+        raise InputError(f"checkpoint not found: {path}")
+    if path.name.endswith(("_state.pth", ".state.pth")):
+        raise InputError(f"{path} is a training-state file without weights; pass "
+                         f"{path.parent / BEST_WEIGHTS} or {path.parent / LAST_WEIGHTS}")
+    if path.suffix == ".json":
+        from .checkpoint import read_json
+        try:
+            return path.parent / read_json(path)["files"]["weights"]["name"]
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"{path} is not a linvision checkpoint manifest: {e}") from e
+    return path
 
-    Settings left unset (model, classes, channels, input size, normalisation, crop) come from the
-    checkpoint's metadata when it was written by :func:`train`, so the same preprocessing is used.
+
+def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """Evaluate a checkpoint file, pretrained weights or a fresh model on one split.
+
+    Weights: ``args.checkpoint`` — a linvision ``.safetensors`` (model name, classes and
+    preprocessing come from its metadata; ``--use-ema`` takes the ``.ema.safetensors`` beside it)
+    or any other ``.pth``/``.safetensors`` (official checkpoints are converted by the model
+    family's ``checkpoint_filter_fn``; ``--use-ema``/``--no-use-ema`` pick the EMA or raw
+    entry, default EMA when present) — or ``args.pretrained`` (timm's registry, e.g.
+    ``--model mavit_s.<tag> --pretrained``).
+
+    A CUDA out-of-memory error halves the batch size and starts again (down to 1). Under torchrun
+    every rank evaluates a share and the metrics are summed.
 
     Returns:
-        :func:`evaluate`'s metrics plus ``"checkpoint"`` and ``"model"``.
+        :func:`evaluate`'s metrics plus ``"checkpoint"``, ``"weights"`` (the file used),
+        ``"model"`` and ``"batch_size"`` (the one that fitted).
     """
+    env = init_distributed(getattr(args, "device", None), getattr(args, "dist_backend", None))
+    device = env.device
+    log = _primary_log(env, log)
     meta: Dict[str, Any] = {}
+    weights_file: Optional[Path] = None
+    use_ema = getattr(args, "use_ema", None)
     if args.checkpoint:
-        ckpt = Path(args.checkpoint)
-        if not ckpt.is_file():
-            raise InputError(f"checkpoint not found: {ckpt}")
-        if ckpt.name.endswith("_state.pth"):
-            raise InputError(f"{ckpt} is a training-state file without weights; pass "
-                             f"{ckpt.parent / BEST_WEIGHTS} or {ckpt.parent / LAST_WEIGHTS}")
-        meta = read_weights_metadata(ckpt)
+        weights_file = _checkpoint_file(Path(args.checkpoint))
+        meta = read_weights_metadata(weights_file)
         _apply_checkpoint_defaults(args, meta)
+        if meta and use_ema:
+            sibling = ema_sibling(weights_file)
+            if sibling.is_file():
+                weights_file = sibling
+            elif not read_weights_metadata(weights_file).get("ema"):
+                log(f"warning: --use-ema: no EMA weights beside {weights_file} ({sibling.name}); using the file given")
     if not args.model:
         raise InputError("--model is required (the checkpoint does not name its model)")
     if not args.checkpoint and not args.pretrained:
         log("warning: neither --checkpoint nor --pretrained given: evaluating randomly initialised weights")
 
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp_dtype(args.amp, device)
+    amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
     in_chans = args.in_chans or 3
     args.in_chans = in_chans
     class_map = {c: i for i, c in enumerate(meta["classes"])} if meta.get("classes") else None
-    datasets, class_to_idx = create_datasets(args.data_dir, (args.split,), in_chans=in_chans,
-                                             class_map=class_map, allow_root=True)
+    split = _arg(args, "split", "val")
+    datasets, class_to_idx = create_datasets(
+        args.data_dir, ("val",), in_chans=in_chans, class_map=class_map, allow_root=True,
+        dataset=_arg(args, "dataset", ""), split_names={"val": split}, training_splits=(),
+        batch_size=args.batch_size, num_samples={"val": getattr(args, "num_samples", None)})
     num_classes = _resolve_num_classes(args.num_classes, class_to_idx)
-    model = build_model(args, num_classes)
-    if args.checkpoint:
+    if weights_file is not None and meta:
+        model = build_model(args, num_classes, pretrained=False)
         try:
-            timm_load_checkpoint(model, str(args.checkpoint), use_ema=args.use_ema, strict=True)
+            model.load_state_dict(load_weights(weights_file), strict=True)
         except RuntimeError as e:
-            raise InputError(f"{args.checkpoint} does not fit {args.model} with {num_classes} classes and "
+            raise InputError(f"{weights_file} does not fit {args.model} with {num_classes} classes and "
                              f"{in_chans} input channels:\n{e}") from e
+    elif weights_file is not None:
+        try:
+            state_dict = timm_load_state_dict(str(weights_file), use_ema=use_ema is not False)
+            model = build_model(args, num_classes, pretrained=True, pretrained_cfg_overlay=dict(
+                state_dict=state_dict, num_classes=num_classes))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise InputError(f"{weights_file} does not fit {args.model} with {num_classes} classes and "
+                             f"{in_chans} input channels:\n{e}") from e
+    else:
+        model = build_model(args, num_classes)
     model.to(device)
+    channels_last = bool(_arg(args, "channels_last", False))
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     data_config = resolve_data_config(args, model)
-    loader = build_loader(datasets[args.split], data_config, False, args.batch_size, args, device)
-    metrics = evaluate(model, loader, device, amp_dtype, progress=args.progress)
-    source = args.checkpoint or f"pretrained {args.model}"
-    log(f"{args.model} on {metrics['num_images']} images ({args.split}): top-1 {metrics['top1']:.2f}  "
+    run_model = torch.compile(model) if getattr(args, "torchcompile", None) else model
+
+    batch_size = args.batch_size
+    while True:
+        loader = build_eval_loader(datasets["val"], data_config, batch_size, args, env)
+        try:
+            metrics = evaluate(run_model, loader, device, amp_dtype, progress=args.progress and env.is_primary,
+                               env=env, channels_last=channels_last)
+            break
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            del loader
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"warning: rank {env.rank}: out of memory at batch size {batch_size}; retrying with "
+                  f"{batch_size // 2}", flush=True)
+            batch_size //= 2
+    source = str(args.checkpoint) if args.checkpoint else f"pretrained {args.model}" if args.pretrained else "random init"
+    used = str(weights_file) if weights_file is not None else source
+    log(f"{args.model} on {metrics['num_images']} images ({split}): top-1 {metrics['top1']:.2f}  "
         f"top-5 {metrics['top5']:.2f}  loss {metrics['loss']:.4f}  {metrics['img_per_sec']:.0f} img/s  "
-        f"checkpoint {source}")
-    return dict(metrics, checkpoint=str(source), model=args.model)
+        f"checkpoint {source}" + (f" (weights {Path(used).name})" if weights_file is not None and used != source else ""))
+    log(f"throughput: {metrics['img_per_sec']:.1f} img/s end to end (data loading included) at batch size "
+        f"{batch_size} x {env.world_size} process(es) on {device}, amp {amp_dtype or 'off'}"
+        f"{', channels_last' if channels_last else ''}{', compiled' if run_model is not model else ''}")
+    return dict(metrics, checkpoint=source, weights=used, model=args.model, batch_size=batch_size)

@@ -1,6 +1,7 @@
 """End-to-end tests of tools/train.py and tools/eval.py on a tiny generated ImageFolder, plus the
 atomic checkpoint writers they rely on. CPU, one thread, linvit_t at 32x32."""
 import importlib.util
+import json
 import os
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from linvision import checkpoint as ckpt
 from linvision import engine
 from linvision.engine import BEST_WEIGHTS, LAST_STATE, LAST_WEIGHTS, SUMMARY
+from linvision.training.checkpoints import CheckpointManager
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "square", "stripes")
@@ -249,3 +251,173 @@ def test_tied_weights_are_saved(tmp_path):
     loaded = ckpt.load_weights(path)
     torch.testing.assert_close(loaded["head"], shared)
     torch.testing.assert_close(loaded["half"], shared[2:])
+
+
+# ----------------------------------------------------------------------------------------------
+# Mid-epoch checkpoints, exact resume, damaged checkpoints
+
+RECIPE = ["--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "--mixup", "0.8", "--cutmix", "1.0",
+          "--aa", "rand-m3-mstd0.5-inc1", "--reprob", "0.25", "--drop-path", "0.1", "--grad-accum-steps", "2",
+          "--save-every-steps", "1", "--keep-last", "3", "--workers", "2"]
+
+
+def _kill_at_update(monkeypatch, n: int) -> None:
+    """Make the next run die (KeyboardInterrupt) right after its n-th optimizer step: after the
+    weights changed, before that update's scheduler/EMA step and checkpoint, like a SIGKILL."""
+    real = engine.create_optimizer_v2
+
+    def create(*args, **kwargs):
+        optimizer = real(*args, **kwargs)
+        steps = []
+
+        def hook(opt, a, kw):
+            if opt.param_groups[0]["lr"] == 0:
+                return  # the zero-lr step torch.distributed.checkpoint takes to create optimizer state
+            steps.append(1)
+            if len(steps) == n:
+                raise KeyboardInterrupt
+        optimizer.register_step_post_hook(hook)
+        return optimizer
+    monkeypatch.setattr(engine, "create_optimizer_v2", create)
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path, name: str) -> None:
+    a, b = ckpt.load_weights(a_dir / name), ckpt.load_weights(b_dir / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{name}: {k}")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(image_folder, tmp_path_factory):
+    """The reference run: 2 epochs of 3 batches, 2 batches per update: updates of 2 + 1 batches, 4 in all."""
+    out = tmp_path_factory.mktemp("straight")
+    return out, _tool("train").main(COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)])
+
+
+def test_killed_mid_epoch_and_resumed_equals_uninterrupted(uninterrupted, image_folder, tmp_path, monkeypatch,
+                                                           capsys):
+    """Mixup/cutmix, RandAugment, random erasing, drop path, EMA, gradient accumulation and two
+    loader workers: the resumed run still ends bit-identical (weights, EMA, loss log)."""
+    straight, result = uninterrupted
+    assert result["num_updates"] == 4  # 3 batches per epoch, accumulation 2: updates of 2 + 1 batches
+    out = tmp_path / "killed"
+    args = COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)]
+    _kill_at_update(monkeypatch, 3)  # dies during epoch 2's first update; newest checkpoint: epoch 1's end
+    with pytest.raises(KeyboardInterrupt):
+        _tool("train").main(args)
+    monkeypatch.undo()
+    state = ckpt.load_state(out / LAST_STATE)
+    assert (state["epoch"], state["next_epoch"], state["batches_done"], state["num_updates"]) == (0, 1, 0, 2)
+    _kill_at_update(monkeypatch, 2)  # resumes at the epoch-2 start, saves update 3 mid-epoch, dies in update 4
+    with pytest.raises(KeyboardInterrupt):
+        _tool("train").main(args + ["--resume", "auto"])
+    monkeypatch.undo()
+    state = ckpt.load_state(out / LAST_STATE)
+    assert (state["next_epoch"], state["batches_done"], state["num_updates"]) == (1, 2, 3)  # mid-epoch
+
+    capsys.readouterr()
+    resumed = _tool("train").main(args + ["--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert "at epoch 2/2, batch 2/3" in printed
+    assert resumed["epochs_run"] == 1 and resumed["num_updates"] == 4
+    _assert_same_weights(straight, out, LAST_WEIGHTS)
+    _assert_same_weights(straight, out, "last.ema.safetensors")
+    # The epoch's loss is accumulated across the interruption too.
+    assert _same_csv_except_timing(straight / SUMMARY, out / SUMMARY)
+    assert resumed["history"][-1]["train_loss"] == pytest.approx(result["history"][-1]["train_loss"], rel=1e-12)
+    assert [p.name for p in CheckpointManager(out).step_manifests()] == \
+        ["step-000000004.json", "step-000000003.json", "step-000000002.json"]  # --keep-last 3
+
+
+def _same_csv_except_timing(a: Path, b: Path) -> bool:
+    import csv
+    rows_a, rows_b = (list(csv.DictReader(open(p))) for p in (a, b))
+    drop = ("train_img_per_sec", "train_time", "train_peak_mem_mb")
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows_a] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in rows_b]
+
+
+def test_damaged_checkpoints_fall_back_to_an_intact_one(uninterrupted, image_folder, tmp_path, monkeypatch, capsys):
+    straight, _ = uninterrupted
+    out = tmp_path / "damaged"
+    args = COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)]
+    _kill_at_update(monkeypatch, 4)
+    with pytest.raises(KeyboardInterrupt):
+        _tool("train").main(args)
+    monkeypatch.undo()
+    sets = CheckpointManager(out).step_manifests()
+    assert [p.stem for p in sets] == ["step-000000003", "step-000000002", "step-000000001"]
+    # The newest set: its state file truncated (a full disk); the next: one weight byte flipped.
+    state_file = out / "checkpoints" / "step-000000003.state.pth"
+    state_file.write_bytes(state_file.read_bytes()[:1000])
+    weights_file = out / "checkpoints" / "step-000000002.safetensors"
+    raw = bytearray(weights_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    weights_file.write_bytes(bytes(raw))
+
+    capsys.readouterr()
+    resumed = _tool("train").main(args + ["--resume", "auto"])
+    printed = capsys.readouterr().out
+    assert "step-000000003.json is unusable" in printed and "truncated" in printed
+    assert "step-000000002.json is unusable" in printed and "sha256" in printed
+    assert "resumed from" in printed and "step-000000001.json at epoch 1/2, batch 2/3" in printed
+    assert "removing checkpoint step-000000003.json" in printed  # the abandoned (damaged) history
+    assert resumed["num_updates"] == 4
+    _assert_same_weights(straight, out, LAST_WEIGHTS)  # resuming from further back is exact as well
+
+    # An explicitly named damaged checkpoint is an error, not a silent fallback.
+    bad = out / "checkpoints" / "step-000000004.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-10])
+    with pytest.raises(SystemExit) as e:
+        _tool("train").main(args + ["--resume", str(bad)])
+    assert "truncated" in str(e.value.code)
+
+
+def test_eval_uses_ema_and_halves_batch_on_oom(uninterrupted, image_folder, monkeypatch, capsys):
+    straight, result = uninterrupted
+    real = engine.evaluate
+
+    def small_memory(model, loader, *args, **kwargs):
+        if loader.batch_size > 3:
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real(model, loader, *args, **kwargs)
+    monkeypatch.setattr(engine, "evaluate", small_memory)
+    metrics = _tool("eval").main(["--checkpoint", str(straight / LAST_WEIGHTS), "--use-ema", "--data-dir",
+                                  str(image_folder), "--workers", "0", "--no-progress", "-b", "12"])
+    printed = capsys.readouterr().out
+    assert metrics["batch_size"] == 3 and printed.count("out of memory") == 2  # 12 -> 6 -> 3
+    assert metrics["weights"].endswith("last.ema.safetensors")
+    assert metrics["top1"] == result["last_ema"]["top1"]
+    assert metrics["loss"] == pytest.approx(result["last_ema"]["loss"], rel=1e-5)
+    assert "throughput:" in printed
+
+
+def test_tar_splits_train_and_eval(image_folder, tmp_path):
+    import tarfile
+    data = tmp_path / "tars"
+    data.mkdir()
+    for split in ("train", "val"):
+        with tarfile.open(data / f"{split}.tar", "w") as tar:
+            for c in CLASSES:
+                tar.add(image_folder / split / c, arcname=c)
+    out = tmp_path / "run"
+    result = _tool("train").main(COMMON + ["--data-dir", str(data), "--epochs", "1", "--output", str(out)])
+    assert result["last"]["num_images"] == 12 and result["num_updates"] == 3
+    metrics = _tool("eval").main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(data / "val.tar"),
+                                  "--workers", "0", "--no-progress"])
+    assert metrics["top1"] == result["last"]["top1"]
+
+
+def test_outputs_config_log_summary_and_plot(uninterrupted, tmp_path):
+    straight, result = uninterrupted
+    for name in ("config.yaml", "log.txt", "run_summary.json", "summary.csv", "last.json", "best.json"):
+        assert (straight / name).is_file(), name
+    summary = json.loads((straight / "run_summary.json").read_text())
+    assert summary["best_top1"] == result["best_top1"] and summary["img_per_sec"] > 0
+    assert summary["peak_mem_mb"] > 0 and len(summary["history"]) == 2
+    header = (straight / SUMMARY).read_text().splitlines()[0].split(",")
+    assert {"train_loss", "eval_top1", "eval_ema_top1", "lr", "train_peak_mem_mb"} <= set(header)
+    assert "mixup: 0.8" in (straight / "config.yaml").read_text()
+    png = _tool("plot_log").main([str(straight), "-o", str(tmp_path / "curves.png")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
