@@ -14,10 +14,9 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import compute_dtype, linear_attention
+from .core import compute_dtype, feature_map_fn, linear_attention
 from .rope import RopeGrid
 
 __all__ = ["RankAugmentedLinearAttention", "global_query_key_weights"]
@@ -31,8 +30,8 @@ def global_query_key_weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
     n = q.shape[2]
     acc = compute_dtype(q)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        q_mean = (F.elu(q.to(acc)) + 1.0).mean(dim=2, keepdim=True)             # (B, H, 1, d)
-        logits = (q_mean * scale) @ (F.elu(k.to(acc)) + 1.0).transpose(-1, -2)  # (B, H, 1, N)
+        q_mean = feature_map_fn("elu1", q.to(acc)).mean(dim=2, keepdim=True)            # (B, H, 1, d)
+        logits = (q_mean * scale) @ feature_map_fn("elu1", k.to(acc)).transpose(-1, -2)  # (B, H, 1, N)
         return logits.softmax(dim=-1).squeeze(2) * n
 
 
