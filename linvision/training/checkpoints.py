@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 
-from ..checkpoint import (atomic_link, load_state, load_weights, read_json, read_weights_metadata,
+from ..checkpoint import (atomic_link, load_state, load_weights, read_weights_metadata,
                           save_state, save_weights, verify_manifest, write_manifest)
 from .common import InputError
 
@@ -244,7 +244,3 @@ def resolve_resume(resume: Optional[str], output_dir, log: Callable[[str], None]
         return _legacy(state)
     except ValueError as e:
         raise InputError(f"--resume {path}: {e}") from e
-
-
-def read_manifest_info(path: Path) -> Dict[str, Any]:
-    return {k: v for k, v in read_json(path).items() if k != "files"}
