@@ -569,11 +569,15 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     if len(train_loader) == 0:
         raise InputError(f"{args.data_dir}: the train split gives no batches")
     updates_per_epoch = math.ceil(len(train_loader) / accum)
+    sched_kwargs = {}
+    if getattr(args, "decay_epochs", None) is not None:
+        # Omitted otherwise: timm <= 1.0.29 defaults it to 90 and fails on an explicit None.
+        sched_kwargs["decay_epochs"] = args.decay_epochs
     scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=_arg(args, "cooldown_epochs", 0),
-        decay_epochs=getattr(args, "decay_epochs", None), decay_rate=_arg(args, "decay_rate", 0.1),
-        step_on_epochs=not _arg(args, "sched_on_updates", True), updates_per_epoch=updates_per_epoch)
+        decay_rate=_arg(args, "decay_rate", 0.1), step_on_epochs=not _arg(args, "sched_on_updates", True),
+        updates_per_epoch=updates_per_epoch, **sched_kwargs)
     mixup_fn = create_mixup(args, num_classes)
     loss_fn = build_train_loss(args, mixup_fn is not None).to(device)
     sampler = train_sampler(train_loader)

@@ -111,7 +111,7 @@ def bench_one(name: str, args, device: torch.device) -> Dict:
     result["s_per_step"] = round(elapsed / args.steps, 4)
     result["images_per_s"] = round(args.batch * args.steps / elapsed, 2)
     result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None
-    result["losses"] = {k: round(float(v), 4) for k, v in losses.items()}
+    result["losses"] = {k: round(float(v.detach()), 4) for k, v in losses.items()}
     result["finite"] = all(torch.isfinite(v).item() for v in losses.values())
     return result
 
