@@ -289,3 +289,23 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
     q = torch.randn(1, 1, 8, 160, device="cuda")
     linear_attention(q, q, q, backend="auto")
     assert calls == [1]
+
+
+@pytest.mark.cuda
+def test_direct_launch_repeated_and_misaligned_calls():
+    """Calls after the first two launch the kept CompiledKernel directly (common.launch): new values,
+    a q whose data pointer is not 16-byte aligned (another specialisation) and the aligned one again
+    must all still equal the reference."""
+    from linvision.attn.ops import common
+    for i in range(4):
+        check_against_reference(2, 3, 197, 64, 64, torch.bfloat16, "magnitude_aware", "elu1", weights=True, rope=True)
+    if common.DIRECT_LAUNCH:
+        assert common._COMPILED, "no kernel was kept for direct launches"
+    b, h, n, d = 2, 3, 197, 64
+    for offset in (1, 0, 1):
+        flat = torch.randn(b * h * n * d + offset, device=DEVICE).abs().to(torch.bfloat16) + 0.1
+        q = flat[offset:].view(b, h, n, d)
+        k = torch.rand_like(q) + 0.1
+        v = torch.randn_like(q)
+        out = linear_attention(q, k, v, normalization="division", backend="triton")
+        _close("out", out, linear_attention_torch(q, k, v, normalization="division"), TOL[torch.bfloat16])

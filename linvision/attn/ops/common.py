@@ -41,6 +41,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# Read once: both must be set before this module is imported (Triton reads TRITON_INTERPRET then too).
+INTERPRETING = interpreting()
+_DOT_OVERRIDE = os.environ.get("LINVISION_TRITON_DOT")
+
+
 def autotune_configs(kind: str) -> List[triton.Config]:
     """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``).
 
@@ -70,12 +75,17 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host (``triton.cdiv`` is a constexpr function whose wrapper costs µs per call)."""
+    return -(-a // b)
+
+
 def reduce_splits(bh: int, n: int, device: torch.device) -> int:
     """Programs per head for kernels that reduce over tokens (partial states summed by fp32 atomics)."""
     if FORCE_SPLITS is not None:
         return max(1, min(FORCE_SPLITS, n))
-    want = triton.cdiv(REDUCE_PROGRAMS_PER_SM * num_sms(device), bh)
-    return max(1, min(want, triton.cdiv(n, REDUCE_MIN_TOKENS)))
+    want = cdiv(REDUCE_PROGRAMS_PER_SM * num_sms(device), bh)
+    return max(1, min(want, cdiv(n, REDUCE_MIN_TOKENS)))
 
 
 def reduce_buffer(bh: int, size: int, splits: int, device: torch.device):
@@ -83,7 +93,7 @@ def reduce_buffer(bh: int, size: int, splits: int, device: torch.device):
     zeroed when programs add into it (``splits > 1``). Returns ``(buffer, copies)``."""
     if splits == 1:
         return torch.empty((1, bh, size), device=device, dtype=torch.float32), 1
-    copies = triton.cdiv(splits, REDUCE_SPLITS_PER_COPY)
+    copies = cdiv(splits, REDUCE_SPLITS_PER_COPY)
     return torch.zeros((copies, bh, size), device=device, dtype=torch.float32), copies
 
 
@@ -92,20 +102,19 @@ def token_grid(bh: int, n: int, device: torch.device):
     if FORCE_SPLITS is not None:
         want = FORCE_SPLITS
     else:
-        want = triton.cdiv(TOKEN_PROGRAMS_PER_SM * num_sms(device), bh)
-    return lambda meta: (bh, max(1, min(want, triton.cdiv(n, meta["BN"]))))
+        want = cdiv(TOKEN_PROGRAMS_PER_SM * num_sms(device), bh)
+    return lambda meta: (bh, max(1, min(want, cdiv(n, meta["BN"]))))
 
 
 def dot_mode(*tensors: torch.Tensor) -> int:
     """How the kernels multiply: bf16 operands for bf16 inputs (what the inputs carry anyway); tf32
     operands for fp16 inputs (fp16's range cannot hold every w·φ(k) product); 3×tf32 (≈ fp32) for
     fp32 inputs and under the interpreter (whose bf16 ``tl.dot`` is wrong). fp32 accumulation always.
-    ``LINVISION_TRITON_DOT`` (tf32x3 | tf32 | bf16) overrides, for experiments."""
-    override = os.environ.get("LINVISION_TRITON_DOT")
-    if interpreting():
+    ``LINVISION_TRITON_DOT`` (tf32x3 | tf32 | bf16, read at import) overrides, for experiments."""
+    if INTERPRETING:
         return DOT_MODES["tf32x3"]
-    if override:
-        return DOT_MODES[override]
+    if _DOT_OVERRIDE:
+        return DOT_MODES[_DOT_OVERRIDE]
     dtypes = {t.dtype for t in tensors}
     if dtypes == {torch.bfloat16}:
         return DOT_MODES["bf16"]
@@ -114,26 +123,80 @@ def dot_mode(*tensors: torch.Tensor) -> int:
     return DOT_MODES["tf32"]
 
 
-_TUNED: dict = {}
+_TUNED: dict = {}      # (kernel, constexprs, dtypes) -> the autotuner's chosen triton.Config
+_COMPILED: dict = {}   # (device, kernel, constexprs, argument specialisation) -> (CompiledKernel, tail, meta)
+_COMPILED_MAX = 4096   # entries before the direct-launch cache is cleared (one per shape/layout seen)
+
+
+def _direct_launch_available() -> bool:
+    """Whether compiled kernels can be launched without ``JITFunction.run``: Triton >= 3.3 (``triton.knobs``
+    and the ``CompiledKernel.run`` signature used below), not the interpreter."""
+    if interpreting() or os.environ.get("LINVISION_TRITON_DIRECT_LAUNCH", "1") == "0":
+        return False
+    try:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (3, 3) and hasattr(triton, "knobs")
+
+
+DIRECT_LAUNCH = _direct_launch_available()
+
+
+def _specialisation(args: tuple) -> tuple:
+    """What a launch is compiled for, as far as our argument kinds go: each tensor's dtype and 16-byte
+    alignment (Triton specialises pointers on it), ints by value (Triton specialises on == 1 and
+    divisibility by 16, so exact values are a finer key), floats not at all. Arguments are tensors,
+    ints or floats (``type`` checks: this runs for every launch)."""
+    return tuple(a if type(a) is int else None if type(a) is float else (a.dtype, a.data_ptr() % 16 == 0)
+                 for a in args)
 
 
 def launch(kernel, grid, args: tuple, consts: dict) -> None:
-    """Launch an autotuned kernel. The first call for a (kernel, constexprs, dtypes) key goes through
-    ``triton.autotune`` (which benchmarks and picks a config); later calls launch the JIT function
-    directly with that config, skipping the Autotuner's per-call bookkeeping (tens of µs of host time
-    per launch, measured, on an op whose device time is tens of µs)."""
-    key = (id(kernel), tuple(consts.values()), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
-    config = _TUNED.get(key)
+    """Launch an autotuned kernel with the least host work.
+
+    * First call for a (kernel, constexprs, dtypes) key: through ``triton.autotune``, which benchmarks
+      the configs and picks one.
+    * First call for a new argument specialisation: ``JITFunction.run`` with that config (compiles or
+      finds the binary) and the ``CompiledKernel`` is kept.
+    * Every later call launches the kept ``CompiledKernel`` directly, exactly as ``JITFunction.run``
+      would (same launcher, metadata and hooks), skipping the Autotuner's and the JIT's per-call
+      binding, cache-key and option handling: that host work (≈ 20–60 µs per launch, measured on the
+      lent H100's host) is several times the device time of these kernels at common sizes.
+    """
+    if DIRECT_LAUNCH:
+        device = triton.runtime.driver.active.get_current_device()
+        key = (device, kernel, tuple(consts.values()), _specialisation(args))
+        entry = _COMPILED.get(key)
+        if entry is not None:
+            compiled, tail, meta = entry
+            g = grid(meta)
+            full = args + tail
+            stream = triton.runtime.driver.active.get_current_stream(device)
+            runtime = triton.knobs.runtime
+            compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
+                         compiled.packed_metadata, compiled.launch_metadata(g, stream, *full),
+                         runtime.launch_enter_hook, runtime.launch_exit_hook, *full)
+            return
+    tune_key = (id(kernel), tuple(consts.values()), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    config = _TUNED.get(tune_key)
     if config is None:
         kernel[grid](*args, **consts)
-        _TUNED[key] = kernel.best_config
-    else:
-        kernel.fn[grid](*args, **consts, **config.all_kwargs())
+        _TUNED[tune_key] = kernel.best_config
+        return
+    kwargs = {**consts, **config.all_kwargs()}
+    compiled = kernel.fn[grid](*args, **kwargs)
+    if DIRECT_LAUNCH and compiled is not None:
+        names = kernel.fn.arg_names[len(args):]
+        if all(name in kwargs for name in names):  # the constexprs, in signature order, after the runtime args
+            if len(_COMPILED) >= _COMPILED_MAX:
+                _COMPILED.clear()
+            _COMPILED[key] = (compiled, tuple(kwargs[name] for name in names), {**consts, **config.kwargs})
 
 
 def block(dim: int) -> int:
     """Register block for a head dim: the next power of two, at least 16 (``tl.dot``'s minimum)."""
-    return max(16, triton.next_power_of_2(dim))
+    return max(16, 1 << (dim - 1).bit_length())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +213,17 @@ def mm(a, b, DOT_MODE: tl.constexpr):
     else:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
     return out
+
+
+@triton.jit
+def tile_range(N, BN: tl.constexpr):
+    """This program's run of ``BN``-token tiles: grid axis 1 splits the ``cdiv(N, BN)`` tiles of a head
+    into equal runs. Returns ``(first tile, end tile, end row, token indices of the first tile)``."""
+    n_tiles = tl.cdiv(N, BN)
+    per = tl.cdiv(n_tiles, tl.num_programs(1))
+    t_lo = tl.program_id(1) * per
+    t_hi = tl.minimum(t_lo + per, n_tiles)
+    return t_lo, t_hi, tl.minimum(t_hi * BN, N), t_lo * BN + tl.arange(0, BN)
 
 
 @triton.jit

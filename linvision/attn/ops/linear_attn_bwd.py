@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
-                     feature_grad, interpreting, launch, mm, reduce_buffer, reduce_splits, rope, token_grid)
+from .common import (FEATURE_IDS, cdiv, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+                     feature_grad, interpreting, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -69,12 +69,7 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     dk_acc = tl.zeros((BD, 16), dtype=tl.float32)
     dv_acc = tl.zeros((BDV, 16), dtype=tl.float32)
 
-    n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, tl.num_programs(1))
-    t_lo = pid_s * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
-    row_end = tl.minimum(t_hi * BN, N)
-    rows = t_lo * BN + tl.arange(0, BN)
+    t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -157,7 +152,6 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
                    FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
                    DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     k_base = k_ptr + b * skb + h * skh
@@ -171,12 +165,7 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     vcols = tl.arange(0, BDV)
     cmask = cols < D
     vmask = vcols < DV
-    n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, tl.num_programs(1))
-    t_lo = pid_s * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
-    row_end = tl.minimum(t_hi * BN, N)
-    rows = t_lo * BN + tl.arange(0, BN)
+    t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -265,7 +254,7 @@ def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[
     ns = reduce_splits(bh, n, q.device)
     buf, copies = reduce_buffer(bh, state_size(d, dv_dim), ns, q.device)
     dq = torch.empty((bsz, heads, n, d), device=q.device, dtype=q.dtype)
-    launch(_bwd_q_kernel, lambda meta: (bh, max(1, min(ns, triton.cdiv(n, meta["BN"])))), (
+    launch(_bwd_q_kernel, lambda meta: (bh, max(1, min(ns, cdiv(n, meta["BN"])))), (
         q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf,
         *q.stride(), *grad_out.stride(), *dq.stride(),
         heads, n, max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(

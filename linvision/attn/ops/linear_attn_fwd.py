@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
-                     first_column, launch, mm, reduce_buffer, reduce_splits, rope, token_grid)
+from .common import (FEATURE_IDS, cdiv, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+                     first_column, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -63,13 +63,8 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
     ksum = tl.zeros((BD, 16), dtype=tl.float32)
     vsum = tl.zeros((BDV, 16), dtype=tl.float32)
 
-    n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, tl.num_programs(1))
-    t_lo = pid_s * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
-    row_end = tl.minimum(t_hi * BN, N)
     # Software prefetch: the loads of tile t+1 are issued before tile t is reduced.
-    rows = t_lo * BN + tl.arange(0, BN)
+    t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -130,7 +125,6 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
                    FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
                    DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
-    pid_s = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
     q_base = q_ptr + b * sqb + h * sqh
@@ -140,12 +134,7 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     vcols = tl.arange(0, BDV)
     cmask = cols < D
     vmask = vcols < DV
-    n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, tl.num_programs(1))
-    t_lo = pid_s * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
-    row_end = tl.minimum(t_hi * BN, N)
-    rows = t_lo * BN + tl.arange(0, BN)
+    t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
@@ -216,7 +205,7 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
     has_w = key_weights is not None
     ns = reduce_splits(bh, n, k.device)
     buf, copies = reduce_buffer(bh, state_size(d, dv), ns, k.device)
-    launch(_state_kernel, lambda meta: (bh, max(1, min(ns, triton.cdiv(n, meta["BN"])))), (
+    launch(_state_kernel, lambda meta: (bh, max(1, min(ns, cdiv(n, meta["BN"])))), (
         k, v, key_weights if has_w else k, rope_angle if rope_angle is not None else k, buf,
         *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
         heads, n, max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
