@@ -47,7 +47,7 @@ _DOT_OVERRIDE = os.environ.get("LINVISION_TRITON_DOT")
 
 
 def autotune_configs(kind: str) -> List[triton.Config]:
-    """Autotune configs for a kernel kind (``"reduce"``, ``"pipelined_reduce"`` or ``"token"``).
+    """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``).
 
     One config under the interpreter (its autotuner needs a GPU driver to bench) or when
     ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests); otherwise a small sweep over the
@@ -59,8 +59,6 @@ def autotune_configs(kind: str) -> List[triton.Config]:
         return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
     if kind == "reduce":
         shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1)]
-    elif kind == "pipelined_reduce":   # loops left to Triton's pipeliner: num_stages = tiles in flight + 1
-        shapes = [(64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (128, 8, 4), (64, 8, 4), (32, 4, 4), (256, 8, 3)]
     else:
         shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)]
     return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]

@@ -15,8 +15,7 @@ whole reduction, spec ecosystem §5.5):
 2. ``_output_kernel`` — grid ``(B·H, splits)``: reads q once, writes the output once:
    ``z = c φq·k̄``, ``n = Rφq·S``, combined by the normalisation, cast to ``v.dtype``.
 
-The state loop is left to Triton's pipeliner (several tiles in flight); the output loop issues the
-loads of tile t+1 before computing tile t (software prefetch). φ, the key
+Every loop issues the loads of tile t+1 before computing tile t (software prefetch). φ, the key
 weights, RoPE (angles from the buffer and the grid width), the 1/N scaling and every normalisation
 are fused; inputs are read through their strides (views of a projection output
 need no ``.contiguous()``). The state buffer is ``(B·H, d·dv + d + dv)`` float32: ``S`` row-major,
@@ -39,7 +38,7 @@ __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_siz
 _KEY = ["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "ATOMIC", "DOT_MODE"]
 
 
-@triton.autotune(configs=autotune_configs("pipelined_reduce"), key=_KEY, reset_to_zero=["state_ptr"])
+@triton.autotune(configs=autotune_configs("reduce"), key=_KEY, reset_to_zero=["state_ptr"])
 @triton.jit(do_not_specialize=["N", "W", "COPIES"])
 def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
                   skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
@@ -64,27 +63,41 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
     ksum = tl.zeros((BD, 16), dtype=tl.float32)
     vsum = tl.zeros((BDV, 16), dtype=tl.float32)
 
-    # A plain loop whose loads depend only on the tile index: Triton's pipeliner then keeps
-    # ``num_stages - 1`` tiles of k, v in flight (cp.async into shared memory), more than a
-    # hand-written one-tile prefetch, which is what this memory-bound reduction needs.
-    t_lo, t_hi, row_end, first_rows = tile_range(N, BN)
-    for t in tl.range(t_lo, t_hi):
-        rows = first_rows + (t - t_lo) * BN
-        rmask = rows < row_end
-        rows64 = rows.to(tl.int64)
-        kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :],
-                     other=0.0)
-        vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :],
-                     other=0.0)
+    # Software prefetch: the loads of tile t+1 are issued before tile t is reduced.
+    t_lo, t_hi, row_end, rows = tile_range(N, BN)
+    rmask = rows < row_end
+    rows64 = rows.to(tl.int64)
+    kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    if HAS_W:
+        wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
+    for _ in range(t_lo, t_hi):
+        nrows = rows + BN
+        nmask = nrows < row_end
+        nrows64 = nrows.to(tl.int64)
+        kx_next = tl.load(k_base + nrows64[:, None] * skn + cols[None, :] * skd, mask=nmask[:, None] & cmask[None, :],
+                          other=0.0)
+        vx_next = tl.load(v_base + nrows64[:, None] * svn + vcols[None, :] * svd,
+                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        if HAS_W:
+            wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
+
         kf = tl.where(rmask[:, None] & cmask[None, :], feature(kx.to(tl.float32), FEATURE), 0.0)
         if HAS_W:
-            kf = kf * tl.load(w_base + rows64 * swn, mask=rmask, other=0.0).to(tl.float32)[:, None]
+            kf = kf * wx.to(tl.float32)[:, None]
         ksum += mm(tl.trans(kf), ones, DOT_MODE)
         if NEED_VMEAN:
             vsum += mm(tl.trans(vx), ones, DOT_MODE)
         if ROPE:
             kf = rope(kf, rows, angle_ptr, W, D, BD, BN, False)
         acc += mm(tl.trans(kf), vx, DOT_MODE)
+
+        rows = nrows
+        rmask = nmask
+        kx = kx_next
+        vx = vx_next
+        if HAS_W:
+            wx = wx_next
 
     s_base = state_ptr + (pid_s % COPIES).to(tl.int64) * copy_stride + pid_bh * (D * DV + D + DV)
     s_ptrs = s_base + cols[:, None] * DV + vcols[None, :]
