@@ -323,3 +323,20 @@ def test_autotuned_configs_match_reference():
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                            "-k", selection], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
+def test_launch_specialisation_key():
+    """The direct-launch cache key (common._specialisation) separates what Triton compiles for:
+    dtypes and 16-byte alignment of pointers, ints by value; floats do not split it. Under the
+    interpreter the direct launch is off (its launcher is not Triton's compiled one)."""
+    from linvision.attn.ops import common
+    base = torch.zeros(64, dtype=torch.float16)
+    aligned, misaligned = base[:32], base[1:33]
+    key = common._specialisation((aligned, misaligned, base.float(), 48, 1, 0.5))
+    assert key == ((torch.float16, True), (torch.float16, False), (torch.float32, True), 48, 1, None)
+    assert common._specialisation((aligned, 2, 0.5)) != common._specialisation((aligned, 3, 0.5))
+    assert common._specialisation((aligned, 2, 0.5)) == common._specialisation((aligned, 2, 0.25))
+    assert [common.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
+    assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
+    if common.INTERPRETING:
+        assert not common.DIRECT_LAUNCH
