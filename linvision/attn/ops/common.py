@@ -37,12 +37,8 @@ TOKEN_PROGRAMS_PER_SM = 4
 DOT_MODES = {"tf32x3": 0, "tf32": 1, "bf16": 2}
 
 
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 # Read once: both must be set before this module is imported (Triton reads TRITON_INTERPRET then too).
-INTERPRETING = interpreting()
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DOT_OVERRIDE = os.environ.get("LINVISION_TRITON_DOT")
 
 
@@ -53,7 +49,7 @@ def autotune_configs(kind: str) -> List[triton.Config]:
     ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests); otherwise a small sweep over the
     token-tile size ``BN``, warps and pipeline depth.
     """
-    if interpreting():
+    if INTERPRETING:
         return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
     if os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
@@ -131,7 +127,7 @@ _COMPILED_MAX = 4096   # entries before the direct-launch cache is cleared (one 
 def _direct_launch_available() -> bool:
     """Whether compiled kernels can be launched without ``JITFunction.run``: Triton >= 3.3 (``triton.knobs``
     and the ``CompiledKernel.run`` signature used below), not the interpreter."""
-    if interpreting() or os.environ.get("LINVISION_TRITON_DIRECT_LAUNCH", "1") == "0":
+    if INTERPRETING or os.environ.get("LINVISION_TRITON_DIRECT_LAUNCH", "1") == "0":
         return False
     try:
         major, minor = (int(x) for x in triton.__version__.split(".")[:2])
@@ -259,7 +255,7 @@ def feature_grad(x, FEATURE: tl.constexpr):
     return g
 
 
-if interpreting():
+if INTERPRETING:
     @triton.jit
     def _sin(x):
         return tl.sin(x)

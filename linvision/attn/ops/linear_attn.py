@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import MAX_HEAD_DIM, interpreting
+from .common import INTERPRETING, MAX_HEAD_DIM
 from .linear_attn_bwd import linear_attention_bwd
 from .linear_attn_fwd import linear_attention_fwd, state_size
 
@@ -28,7 +28,7 @@ __all__ = ["linear_attention_triton", "supports"]
 
 def supports(q: Tensor, v: Tensor) -> bool:
     """Whether the kernels take these inputs: CUDA tensors (or the interpreter), head dims ≤ 128."""
-    return (q.is_cuda or interpreting()) and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
+    return (q.is_cuda or INTERPRETING) and q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, cdiv, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
-                     feature_grad, interpreting, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
+from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode,
+                     feature, feature_grad, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -231,7 +231,7 @@ def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_
                          feature_map: str, scale: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Gradients ``(dq, dk, dv, dw)`` (dtypes of q, k, v, key_weights; ``dw`` None without weights)."""
     mode = dot_mode(q, k, v)
-    if mode == 0 and max(q.shape[-1], v.shape[-1]) > 64 and not interpreting():
+    if mode == 0 and max(q.shape[-1], v.shape[-1]) > 64 and not INTERPRETING:
         # 3×tf32 products of wide fp32 tiles need more shared memory than a Hopper SM has
         # (330–450 KB): fp32 inputs with head dims > 64 take the backward in PyTorch (exact, slower).
         dq, dstate = _backward_q_torch(grad_out, q, state, rope_angle, rope_width, normalization, feature_map,

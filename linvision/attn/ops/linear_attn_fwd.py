@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, cdiv, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode, feature,
                      first_column, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
