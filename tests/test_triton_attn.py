@@ -314,12 +314,13 @@ def test_direct_launch_repeated_and_misaligned_calls():
 @pytest.mark.cuda
 def test_autotuned_configs_match_reference():
     """The suite runs one config per kernel (LINVISION_TRITON_AUTOTUNE=0, set above, read at import);
-    this re-runs a cross-section with the full autotune sweep in a fresh process, so every config the
-    autotuner may pick (tile sizes, warps, pipeline depths) is checked against the reference."""
+    this re-runs a cross-section (large bf16 shapes, dv ≠ d, every normalisation in fp16/bf16 at d = 32)
+    with the full autotune sweep in a fresh process, so the configs the autotuner picks there (tile
+    sizes, warps, pipeline depths) are checked against the reference."""
     import subprocess
     import sys
     env = dict(os.environ, LINVISION_TRITON_AUTOTUNE="1")
-    selection = "test_large_shapes_bf16 or test_different_value_dim"
+    selection = "test_large_shapes_bf16 or test_different_value_dim or test_every_normalization_low_precision"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
                            "-k", selection], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]

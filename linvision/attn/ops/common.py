@@ -24,9 +24,10 @@ MAX_HEAD_DIM = 128
 # Set by tests to force a number of token splits (exercises the fp32-atomic reduction on tiny inputs).
 FORCE_SPLITS: Optional[int] = None
 # Reduction (state) kernels: programs per SM aimed at, and fewest tokens per program (keeps the
-# fp32 partial-state atomics small relative to the token traffic).
+# fp32 partial-state atomics small relative to the token traffic). 192, not 512: at (8,4,3136,64)
+# the state pass takes 14.1 µs with 17 splits against 16.5 µs with 7 (H100, docs/kernels.md).
 REDUCE_PROGRAMS_PER_SM = 4
-REDUCE_MIN_TOKENS = 512
+REDUCE_MIN_TOKENS = 192
 # Programs adding into one copy of a head's state: more splits than this add into several fp32
 # copies (summed afterwards), since atomics on one address serialise.
 REDUCE_SPLITS_PER_COPY = 32
@@ -54,7 +55,9 @@ def autotune_configs(kind: str) -> List[triton.Config]:
     if os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
     if kind == "reduce":
-        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1)]
+        # 2-warp configs win for narrow heads: the q-side backward at d = 32 takes 35 µs with (32, 2, 1)
+        # against 46 µs with 4 warps (H100, (32,3,3136,32) bf16; docs/kernels.md).
+        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1), (32, 2, 1)]
     else:
         shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)]
     return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]
