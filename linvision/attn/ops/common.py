@@ -226,6 +226,20 @@ def tile_range(N, BN: tl.constexpr):
 
 
 @triton.jit
+def head_ptr(ptr, pid_bh, H, stride_b, stride_h):
+    """Pointer to head ``pid_bh`` (= b·H + h) of a ``(B, H, ...)`` tensor with batch/head strides."""
+    return ptr + (pid_bh // H) * stride_b + (pid_bh % H) * stride_h
+
+
+@triton.jit
+def load_tile(base, rows, cols, stride_row, stride_col, rmask, cmask):
+    """Masked 2-D tile ``base[rows, cols]``, zeros outside ``rmask × cmask`` (token rows come as int64: their
+    offsets can pass 2³¹)."""
+    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=rmask[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def first_column(BN: tl.constexpr):
     """``(BN, 16)`` float32 with ones in column 0: ``xᵀ @ first_column`` sums x over its rows on the
     tensor cores, without the cross-warp reduction (and barrier) of ``tl.sum`` in every tile."""

@@ -26,7 +26,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode,
-                     feature, feature_grad, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
+                     feature, feature_grad, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope,
+                     tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -45,11 +46,9 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
                   ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * sqb + h * sqh
-    g_base = g_ptr + b * sgb + h * sgh
-    dq_base = dq_ptr + b * sdb + h * sdh
+    q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
+    g_base = head_ptr(g_ptr, pid_bh, H, sgb, sgh)
+    dq_base = head_ptr(dq_ptr, pid_bh, H, sdb, sdh)
 
     cols = tl.arange(0, BD)
     vcols = tl.arange(0, BDV)
@@ -57,7 +56,7 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     vmask = vcols < DV
     smask = cmask[:, None] & vmask[None, :]
     s_base = state_ptr + pid_bh * (D * DV + D + DV)
-    state = tl.load(s_base + cols[:, None] * DV + vcols[None, :], mask=smask, other=0.0)
+    state = load_tile(s_base, cols, vcols, DV, 1, cmask, vmask)
     if DOT_MODE == 2:
         state = state.to(tl.bfloat16)
     kbar = tl.load(s_base + D * DV + cols, mask=cmask, other=0.0) * scale
@@ -72,17 +71,15 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
     # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there.
-    gx = tl.load(g_base + rows64[:, None] * sgn + vcols[None, :] * sgd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    gx = load_tile(g_base, rows64, vcols, sgn, sgd, rmask, vmask)
     for _ in range(t_lo, t_hi):
         nrows = rows + BN
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
-        qx_next = tl.load(q_base + nrows64[:, None] * sqn + cols[None, :] * sqd, mask=nmask[:, None] & cmask[None, :],
-                          other=0.0)
-        gx_next = tl.load(g_base + nrows64[:, None] * sgn + vcols[None, :] * sgd,
-                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
+        gx_next = load_tile(g_base, nrows64, vcols, sgn, sgd, nmask, vmask)
 
         qmask = rmask[:, None] & cmask[None, :]
         q32 = qx.to(tl.float32)
@@ -152,14 +149,12 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
                    FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
                    DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    w_base = w_ptr + b * swb + h * swh
-    dk_base = dk_ptr + b * sdkb + h * sdkh
-    dv_base = dv_ptr + b * sdvb + h * sdvh
-    dw_base = dw_ptr + b * sdwb + h * sdwh
+    k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
+    v_base = head_ptr(v_ptr, pid_bh, H, svb, svh)
+    w_base = head_ptr(w_ptr, pid_bh, H, swb, swh)
+    dk_base = head_ptr(dk_ptr, pid_bh, H, sdkb, sdkh)
+    dv_base = head_ptr(dv_ptr, pid_bh, H, sdvb, sdvh)
+    dw_base = head_ptr(dw_ptr, pid_bh, H, sdwb, sdwh)
 
     cols = tl.arange(0, BD)
     vcols = tl.arange(0, BDV)
@@ -168,13 +163,13 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
-    vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    kx = load_tile(k_base, rows64, cols, skn, skd, rmask, cmask)
+    vx = load_tile(v_base, rows64, vcols, svn, svd, rmask, vmask)
     if HAS_W:
         wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
 
     d_base = dstate_ptr + pid_bh * (D * DV + D + DV)
-    dstate = tl.load(d_base + cols[:, None] * DV + vcols[None, :], mask=cmask[:, None] & vmask[None, :], other=0.0)
+    dstate = load_tile(d_base, cols, vcols, DV, 1, cmask, vmask)
     if DOT_MODE == 2:
         dstate = dstate.to(tl.bfloat16)
     dkbar = tl.load(d_base + D * DV + cols, mask=cmask, other=0.0) * inv_n
@@ -185,10 +180,8 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
         nrows = rows + BN
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
-        kx_next = tl.load(k_base + nrows64[:, None] * skn + cols[None, :] * skd, mask=nmask[:, None] & cmask[None, :],
-                          other=0.0)
-        vx_next = tl.load(v_base + nrows64[:, None] * svn + vcols[None, :] * svd,
-                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        kx_next = load_tile(k_base, nrows64, cols, skn, skd, nmask, cmask)
+        vx_next = load_tile(v_base, nrows64, vcols, svn, svd, nmask, vmask)
         if HAS_W:
             wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
 

@@ -31,7 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode, feature,
-                     first_column, launch, mm, reduce_buffer, reduce_splits, rope, tile_range, token_grid)
+                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, tile_range,
+                     token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -48,11 +49,9 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
                   ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    k_base = k_ptr + b * skb + h * skh
-    v_base = v_ptr + b * svb + h * svh
-    w_base = w_ptr + b * swb + h * swh
+    k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
+    v_base = head_ptr(v_ptr, pid_bh, H, svb, svh)
+    w_base = head_ptr(w_ptr, pid_bh, H, swb, swh)
 
     cols = tl.arange(0, BD)
     vcols = tl.arange(0, BDV)
@@ -67,18 +66,16 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
     t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    kx = tl.load(k_base + rows64[:, None] * skn + cols[None, :] * skd, mask=rmask[:, None] & cmask[None, :], other=0.0)
-    vx = tl.load(v_base + rows64[:, None] * svn + vcols[None, :] * svd, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    kx = load_tile(k_base, rows64, cols, skn, skd, rmask, cmask)
+    vx = load_tile(v_base, rows64, vcols, svn, svd, rmask, vmask)
     if HAS_W:
         wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
     for _ in range(t_lo, t_hi):
         nrows = rows + BN
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
-        kx_next = tl.load(k_base + nrows64[:, None] * skn + cols[None, :] * skd, mask=nmask[:, None] & cmask[None, :],
-                          other=0.0)
-        vx_next = tl.load(v_base + nrows64[:, None] * svn + vcols[None, :] * svd,
-                          mask=nmask[:, None] & vmask[None, :], other=0.0)
+        kx_next = load_tile(k_base, nrows64, cols, skn, skd, nmask, cmask)
+        vx_next = load_tile(v_base, nrows64, vcols, svn, svd, nmask, vmask)
         if HAS_W:
             wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
 
@@ -125,10 +122,8 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
                    FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
                    DOT_MODE: tl.constexpr, BN: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
-    b = pid_bh // H
-    h = pid_bh % H
-    q_base = q_ptr + b * sqb + h * sqh
-    o_base = o_ptr + b * sob + h * soh
+    q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
+    o_base = head_ptr(o_ptr, pid_bh, H, sob, soh)
 
     cols = tl.arange(0, BD)
     vcols = tl.arange(0, BDV)
@@ -137,10 +132,10 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     t_lo, t_hi, row_end, rows = tile_range(N, BN)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
-    qx = tl.load(q_base + rows64[:, None] * sqn + cols[None, :] * sqd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
 
     s_base = state_ptr + pid_bh * (D * DV + D + DV)
-    state = tl.load(s_base + cols[:, None] * DV + vcols[None, :], mask=cmask[:, None] & vmask[None, :], other=0.0)
+    state = load_tile(s_base, cols, vcols, DV, 1, cmask, vmask)
     if DOT_MODE == 2:
         state = state.to(tl.bfloat16)
     kbar = tl.load(s_base + D * DV + cols, mask=cmask, other=0.0) * scale
@@ -151,8 +146,7 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
         nrows = rows + BN
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
-        qx_next = tl.load(q_base + nrows64[:, None] * sqn + cols[None, :] * sqd, mask=nmask[:, None] & cmask[None, :],
-                          other=0.0)
+        qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
 
         qf = tl.where(rmask[:, None] & cmask[None, :], feature(qx.to(tl.float32), FEATURE), 0.0)
         z = tl.sum(qf * kbar[None, :], axis=1)
