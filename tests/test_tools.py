@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,9 @@ def image_folder(tmp_path_factory) -> Path:
 def trained(image_folder, tmp_path_factory):
     """One epoch of training into a fresh output directory: (output dir, train's return value)."""
     out = tmp_path_factory.mktemp("run")
-    return out, _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
-                                              "--output", str(out)])
+    yield out, _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
+                                             "--output", str(out)])
+    shutil.rmtree(out, ignore_errors=True)  # checkpoints are large: free the disk for the next modules
 
 
 def test_train_writes_checkpoints(trained):
@@ -292,7 +294,8 @@ def _assert_same_weights(a_dir: Path, b_dir: Path, name: str) -> None:
 def uninterrupted(image_folder, tmp_path_factory):
     """The reference run: 2 epochs of 3 batches, 2 batches per update: updates of 2 + 1 batches, 4 in all."""
     out = tmp_path_factory.mktemp("straight")
-    return out, _tool("train").main(COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)])
+    yield out, _tool("train").main(COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)])
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def test_killed_mid_epoch_and_resumed_equals_uninterrupted(uninterrupted, image_folder, tmp_path, monkeypatch,
