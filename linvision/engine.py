@@ -63,7 +63,7 @@ __all__ = [
     "InputError", "LAST_WEIGHTS", "LAST_EMA", "LAST_STATE", "LAST_MANIFEST", "BEST_WEIGHTS", "SUMMARY",
     "CONFIG_FILE", "RUN_SUMMARY",
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
-    "resolve_data_config", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
+    "resolve_data_config", "to_channels_last", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
     "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
 ]
 
@@ -170,6 +170,22 @@ def build_model(args: argparse.Namespace, num_classes: int, **overrides) -> nn.M
                   drop_rate=getattr(args, "drop", None), **(getattr(args, "model_kwargs", None) or {}))
     kwargs.update(overrides)
     return timm.create_model(args.model, **kwargs)
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Put ``model``'s convolution weights (and 4-D buffers) in channels_last, in place.
+
+    Other 4-D parameters, such as layer scales of shape ``(1, C, 1, 1)``, keep the default layout.
+    Their gradients come out of reductions in that layout. With size-1 dims, both layouts count as
+    contiguous, so autograd does not restride such a gradient. DDP then finds gradient strides that
+    differ from the parameter's bucket view: it warns, and copies the gradient on every step.
+    """
+    model.to(memory_format=torch.channels_last)
+    conv_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)}
+    for param in model.parameters():
+        if param.dim() == 4 and id(param) not in conv_weights:
+            param.data = param.data.clone(memory_format=torch.contiguous_format)
+    return model
 
 
 def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
@@ -529,7 +545,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     model.to(device)
     channels_last = bool(_arg(args, "channels_last", False))
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     if env.distributed and _arg(args, "sync_bn", False):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     accum = max(1, int(_arg(args, "grad_accum_steps", 1)))
@@ -887,7 +903,7 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     model.to(device)
     channels_last = bool(_arg(args, "channels_last", False))
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     data_config = resolve_data_config(args, model)
     run_model = torch.compile(model) if getattr(args, "torchcompile", None) else model
 

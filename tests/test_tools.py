@@ -255,6 +255,25 @@ def test_tied_weights_are_saved(tmp_path):
     torch.testing.assert_close(loaded["half"], shared[2:])
 
 
+def test_channels_last_keeps_gradient_strides_equal_to_parameter_strides():
+    """DDP's contract: every gradient has its parameter's strides (else DDP warns and copies it each
+    step). Convolution weights go channels_last; the (1, C, 1, 1) layer scales must not."""
+    import timm
+    model = timm.create_model("linvit_t", num_classes=3).eval()
+    reference = timm.create_model("linvit_t", num_classes=3).eval()
+    reference.load_state_dict(model.state_dict())
+    engine.to_channels_last(model)
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x.contiguous(memory_format=torch.channels_last))
+    out.sum().backward()
+    torch.testing.assert_close(out, reference(x), rtol=1e-4, atol=1e-5)
+    params = dict(model.named_parameters())
+    assert params["stem.0.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert params["stem.0.weight"].stride() != params["stem.0.weight"].contiguous().stride()
+    mismatched = [name for name, p in params.items() if p.grad is not None and p.grad.stride() != p.stride()]
+    assert not mismatched, mismatched
+
+
 # ----------------------------------------------------------------------------------------------
 # Mid-epoch checkpoints, exact resume, damaged checkpoints
 

@@ -19,6 +19,8 @@ an 8-GPU FSDP run resumes in a single process and vice versa.
 """
 import contextlib
 import datetime
+import gc
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
@@ -199,7 +201,13 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, compile_mode:
         from torch.nn.parallel import DistributedDataParallel
         device_ids = [env.device.index if env.device.index is not None else env.local_rank] \
             if env.device.type == "cuda" else None
-        model = DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=broadcast_buffers)
+        # torch 2.14 renamed the per-forward buffer broadcast (the old name warns). Under the new name
+        # buffers are still synced once at construction, which a run from one seed or checkpoint wants.
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+            buffer_sync = {"forward_sync_buffers": broadcast_buffers}
+        else:
+            buffer_sync = {"broadcast_buffers": broadcast_buffers}
+        model = DistributedDataParallel(model, device_ids=device_ids, **buffer_sync)
         kind = "ddp"
     return Wrapped(train=model, eval=eval_model, bare=bare, kind=kind)
 
@@ -246,4 +254,8 @@ def run_then_destroy_process_group(main: Callable[[], Any]) -> Any:
         return main()
     finally:
         if dist.is_available() and dist.is_initialized():
+            # Free unreachable wrappers (FSDP/DDP state in reference cycles) while the interpreter is
+            # whole: a gloo group they keep alive is otherwise torn down during interpreter exit, when
+            # its worker threads can no longer take the GIL (seen as SIGABRT after a finished run).
+            gc.collect()
             dist.destroy_process_group()
