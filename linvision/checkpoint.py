@@ -15,10 +15,12 @@ Files:
         (:func:`write_manifest`); written last, so its presence marks the checkpoint complete, and
         :func:`verify_manifest` detects a truncated or corrupted file.
 """
+import errno
 import hashlib
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Union
@@ -81,12 +83,18 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # BaseException: a KeyboardInterrupt mid-write must not leave the temp file behind either.
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            # The bare "[Errno 28] No space left on device" names neither the file nor the disk.
+            free_mib = shutil.disk_usage(path.parent).free / 2 ** 20
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path} ({free_mib:.0f} MiB "
+                                        f"free there after removing the partial file); free some space or "
+                                        f"write elsewhere") from e
         raise
     _fsync_dir(path.parent)
     return path

@@ -1,5 +1,6 @@
 """End-to-end tests of tools/train.py and tools/eval.py on a tiny generated ImageFolder, plus the
 atomic checkpoint writers they rely on. CPU, one thread, linvit_t at 32x32."""
+import errno
 import importlib.util
 import json
 import os
@@ -227,6 +228,21 @@ def test_atomic_state_save_keeps_previous_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert ckpt.load_state(target)["epoch"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["last_state.pth"]
+
+
+def test_full_disk_error_names_the_file_and_keeps_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.safetensors"
+    ckpt.save_weights({"w": torch.ones(3)}, target)
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"no space left on device while writing .*last\.safetensors \(\d+ MiB free"):
+        ckpt.save_weights({"w": torch.zeros(3)}, target)
+    torch.testing.assert_close(ckpt.load_weights(target)["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # partial file removed
 
 
 def test_rng_state_round_trip():
