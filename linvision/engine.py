@@ -543,15 +543,17 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     random_seed(args.seed, env.rank)
     data_config = resolve_data_config(args, model)
     model.to(device)
+    fsdp = bool(_arg(args, "fsdp", False)) and env.distributed
     channels_last = bool(_arg(args, "channels_last", False))
-    if channels_last:
+    if channels_last and not fsdp:
+        # FSDP2 shards only contiguous parameters: under it the weights stay as they are and only the
+        # batches go channels_last (convolutions then run channels_last all the same).
         to_channels_last(model)
     if env.distributed and _arg(args, "sync_bn", False):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     accum = max(1, int(_arg(args, "grad_accum_steps", 1)))
     global_batch = args.batch_size * env.world_size * accum
     model_ema = None
-    fsdp = bool(_arg(args, "fsdp", False)) and env.distributed
     if _arg(args, "model_ema", False):
         decay = float(_arg(args, "model_ema_decay", 0.9998))
         if getattr(args, "model_ema_decay_base_size", None):
@@ -644,6 +646,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         f"{len(datasets['train'])} train / {len(datasets['val'])} val images, {num_epochs} epochs of "
         f"{len(train_loader)} steps, {env.world_size} x {device}, global batch {global_batch}, lr {lr:.3g}, "
         f"amp {amp_dtype or 'off'}, {w.kind}{' + compile' if compile_mode else ''}"
+        f"{', channels_last' + (' (batches only)' if fsdp else '') if channels_last else ''}"
         f"{', ema' if model_ema is not None else ''}, output {output}")
 
     def checkpoint(next_epoch: int, batches_done: int, meter: Optional[Dict[str, float]],
