@@ -63,7 +63,7 @@ __all__ = [
     "InputError", "LAST_WEIGHTS", "LAST_EMA", "LAST_STATE", "LAST_MANIFEST", "BEST_WEIGHTS", "SUMMARY",
     "CONFIG_FILE", "RUN_SUMMARY",
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
-    "resolve_data_config", "to_channels_last", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
+    "resolve_data_config", "to_channels_last", "check_distributed_options", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
     "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
 ]
 
@@ -498,6 +498,21 @@ def _dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
                              "val": getattr(args, "val_num_samples", None)})
 
 
+def check_distributed_options(args: argparse.Namespace, env: DistEnv) -> None:
+    """Refuse, before any work, the option combinations PyTorch cannot run, saying what to use instead.
+
+    Every rank reaches the same verdict, so under torchrun all of them exit with the message.
+    """
+    if env.distributed and _arg(args, "sync_bn", False) and env.device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm has no CPU implementation. "
+                         "Without it, BatchNorm statistics are averaged over the ranks at each epoch end "
+                         "(--dist-bn reduce, the default)")
+    if (env.distributed and _arg(args, "fsdp", False) and _arg(args, "clip_grad", None)
+            and _arg(args, "clip_mode", "norm") == "agc"):
+        raise InputError("--clip-mode agc does not run under --fsdp: timm's adaptive clipping changes the "
+                         "sharded gradient norms in place. Use --clip-mode norm or value, or DDP (no --fsdp)")
+
+
 def _primary_log(env: DistEnv, log: Callable[[str], None]) -> Callable[[str], None]:
     return log if env.is_primary else (lambda message: None)
 
@@ -521,6 +536,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     env = init_distributed(getattr(args, "device", None), getattr(args, "dist_backend", None))
     device = env.device
     amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
+    check_distributed_options(args, env)
     if _arg(args, "deterministic", False):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

@@ -245,6 +245,21 @@ def test_full_disk_error_names_the_file_and_keeps_previous_file(tmp_path, monkey
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"]  # partial file removed
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--sync-bn"], "--sync-bn needs CUDA devices"),
+    (["--fsdp", "--clip-grad", "0.01", "--clip-mode", "agc"], "--clip-mode agc does not run under --fsdp"),
+])
+def test_distributed_option_combinations_pytorch_cannot_run_are_refused(extra, message):
+    from linvision.training.distributed import DistEnv
+    args = _tool("train").parse_args(["--data-dir", "unused"] + extra)
+    two_cpu_ranks = DistEnv(torch.device("cpu"), 0, 0, 2, True)
+    with pytest.raises(engine.InputError, match=message):
+        engine.check_distributed_options(args, two_cpu_ranks)
+    engine.check_distributed_options(args, DistEnv(torch.device("cpu"), 0, 0, 1, False))  # one process: fine
+    if "--sync-bn" in extra:
+        engine.check_distributed_options(args, DistEnv(torch.device("cuda", 0), 0, 0, 2, True))
+
+
 def test_rng_state_round_trip():
     state = ckpt.capture_rng_state()
     expected = (torch.rand(3), np.random.rand(3), random.random())
