@@ -102,7 +102,12 @@ def token_grid(bh: int, n: int, device: torch.device):
         want = FORCE_SPLITS
     else:
         want = cdiv(TOKEN_PROGRAMS_PER_SM * num_sms(device), bh)
-    return lambda meta: (bh, max(1, min(want, cdiv(n, meta["BN"]))))
+    return split_grid(bh, n, want)
+
+
+def split_grid(bh: int, n: int, splits: int):
+    """Grid ``(B·H, programs per head)``: ``splits`` programs per head, but no more than one per ``BN`` tokens."""
+    return lambda meta: (bh, max(1, min(splits, cdiv(n, meta["BN"]))))
 
 
 def dot_mode(*tensors: torch.Tensor) -> int:

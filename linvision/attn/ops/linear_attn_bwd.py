@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode,
+from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode,
                      feature, feature_grad, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope,
-                     tile_range, token_grid)
+                     split_grid, tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -247,7 +247,7 @@ def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[
     ns = reduce_splits(bh, n, q.device)
     buf, copies = reduce_buffer(bh, state_size(d, dv_dim), ns, q.device)
     dq = torch.empty((bsz, heads, n, d), device=q.device, dtype=q.dtype)
-    launch(_bwd_q_kernel, lambda meta: (bh, max(1, min(ns, cdiv(n, meta["BN"])))), (
+    launch(_bwd_q_kernel, split_grid(bh, n, ns), (
         q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf,
         *q.stride(), *grad_out.stride(), *dq.stride(),
         heads, n, max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(

@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, cdiv, column0, dot_mode, feature,
-                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, tile_range,
-                     token_grid)
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
+                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, split_grid,
+                     tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -199,7 +199,7 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
     has_w = key_weights is not None
     ns = reduce_splits(bh, n, k.device)
     buf, copies = reduce_buffer(bh, state_size(d, dv), ns, k.device)
-    launch(_state_kernel, lambda meta: (bh, max(1, min(ns, cdiv(n, meta["BN"])))), (
+    launch(_state_kernel, split_grid(bh, n, ns), (
         k, v, key_weights if has_w else k, rope_angle if rope_angle is not None else k, buf,
         *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
         heads, n, max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
