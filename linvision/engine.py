@@ -63,7 +63,8 @@ __all__ = [
     "InputError", "LAST_WEIGHTS", "LAST_EMA", "LAST_STATE", "LAST_MANIFEST", "BEST_WEIGHTS", "SUMMARY",
     "CONFIG_FILE", "RUN_SUMMARY",
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
-    "resolve_data_config", "to_channels_last", "check_distributed_options", "build_loader", "build_loaders", "resolve_lr", "build_train_loss",
+    "resolve_data_config", "to_channels_last", "check_distributed_options", "build_loader", "build_loaders",
+    "resolve_lr", "build_train_loss",
     "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
 ]
 
