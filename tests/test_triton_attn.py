@@ -216,9 +216,13 @@ def test_every_normalization_low_precision(dtype, normalization):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("b,h,n,d", [(1, 1, 50000, 64), (2048, 3, 196, 32), (8, 4, 3136, 64)])
-def test_large_shapes_bf16(b, h, n, d):
-    check_against_reference(b, h, n, d, d, torch.bfloat16, "magnitude_aware", "elu1", weights=False, rope=True)
+@pytest.mark.parametrize("b,h,n,d,normalization,rope", [
+    (1, 1, 50000, 64, "magnitude_aware", True), (2048, 3, 196, 32, "magnitude_aware", True),
+    (8, 4, 3136, 64, "magnitude_aware", True),
+    # the benchmark's option set, so the autotuned-config test checks the configs picked there
+    (8, 4, 3136, 64, "division", False), (32, 3, 3136, 32, "division", False)])
+def test_large_shapes_bf16(b, h, n, d, normalization, rope):
+    check_against_reference(b, h, n, d, d, torch.bfloat16, normalization, "elu1", weights=False, rope=rope)
 
 
 @pytest.mark.cuda
