@@ -116,6 +116,21 @@ def test_several_state_copies(monkeypatch):
                             splits=5, monkeypatch=monkeypatch)
 
 
+def test_strided_tile_order_matches_reference():
+    """The autotuner may pick the strided tile order (program s of a head takes tiles s, s+S, …;
+    common.tile_range); the suite's single config is contiguous, so the split cases of the small subset
+    (every kernel, forced splits, several state copies) re-run in a fresh process with the single config
+    strided (LINVISION_TRITON_TILE_ORDER, read at import)."""
+    import subprocess
+    import sys
+    env = dict(os.environ, LINVISION_TRITON_TILE_ORDER="strided")
+    selection = "test_matches_reference_small or test_several_state_copies"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", selection, "-m", "not cuda"], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("normalization", ["division", "injective"])
 def test_backward_torch_twins(normalization):
     """The PyTorch twins of the backward passes (used for wide fp32 heads on GPU) equal the kernels."""

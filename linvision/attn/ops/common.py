@@ -41,6 +41,10 @@ DOT_MODES = {"tf32x3": 0, "tf32": 1, "bf16": 2}
 # Read once: both must be set before this module is imported (Triton reads TRITON_INTERPRET then too).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DOT_OVERRIDE = os.environ.get("LINVISION_TRITON_DOT")
+# Tile order of the single config used when not autotuning (tests run the suite once per order).
+_TEST_TILE_ORDER = os.environ.get("LINVISION_TRITON_TILE_ORDER", "contiguous")
+if _TEST_TILE_ORDER not in ("contiguous", "strided"):
+    raise ValueError(f"LINVISION_TRITON_TILE_ORDER must be 'contiguous' or 'strided', got {_TEST_TILE_ORDER!r}")
 
 
 def autotune_configs(kind: str) -> List[triton.Config]:
@@ -50,17 +54,18 @@ def autotune_configs(kind: str) -> List[triton.Config]:
     ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests); otherwise a small sweep over the
     token-tile size ``BN``, warps and pipeline depth.
     """
-    if INTERPRETING:
-        return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
-    if os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BN": 64}, num_warps=4, num_stages=1)]
+    if INTERPRETING or os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
+        return [triton.Config({"BN": 64, "STRIDED": _TEST_TILE_ORDER == "strided"}, num_warps=4, num_stages=1)]
     if kind == "reduce":
         # 2-warp configs win for narrow heads: the q-side backward at d = 32 takes 35 µs with (32, 2, 1)
         # against 46 µs with 4 warps (H100, (32,3,3136,32) bf16; docs/kernels.md).
         shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1), (32, 2, 1)]
+        strided = [(64, 4, 1), (32, 2, 1)]
     else:
         shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)]
-    return [triton.Config({"BN": bn}, num_warps=w, num_stages=s) for bn, w, s in shapes]
+        strided = [(64, 4, 1)]
+    return ([triton.Config({"BN": bn, "STRIDED": False}, num_warps=w, num_stages=s) for bn, w, s in shapes]
+            + [triton.Config({"BN": bn, "STRIDED": True}, num_warps=w, num_stages=s) for bn, w, s in strided])
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,6 +110,13 @@ def token_grid(bh: int, n: int, device: torch.device):
     return split_grid(bh, n, want)
 
 
+def size_class(n: int) -> int:
+    """Token-count class that the autotune keys include (``SIZE_CLASS``): 0 for N ≤ 1024, 1 to 8192, 2 to
+    65536, 3 above. Configs are tuned per class, not per N (one sweep per class, not per resolution): the
+    best tile order and size differ between N = 3136 and N = 50176 (docs/kernels.md)."""
+    return 0 if n <= 1024 else 1 if n <= 8192 else 2 if n <= 65536 else 3
+
+
 def split_grid(bh: int, n: int, splits: int):
     """Grid ``(B·H, programs per head)``: ``splits`` programs per head, but no more than one per ``BN`` tokens."""
     return lambda meta: (bh, max(1, min(splits, cdiv(n, meta["BN"]))))
@@ -127,7 +139,7 @@ def dot_mode(*tensors: torch.Tensor) -> int:
     return DOT_MODES["tf32"]
 
 
-_TUNED: dict = {}      # (kernel, constexprs, dtypes) -> the autotuner's chosen triton.Config
+_TUNED: dict = {}      # (kernel, autotune-key values, dtypes) -> the autotuner's chosen triton.Config
 _COMPILED: dict = {}   # (device, kernel, constexprs, argument specialisation) -> (CompiledKernel, tail, meta)
 _COMPILED_MAX = 4096   # entries before the direct-launch cache is cleared (one per shape/layout seen)
 
@@ -182,7 +194,10 @@ def launch(kernel, grid, args: tuple, consts: dict) -> None:
                          compiled.packed_metadata, compiled.launch_metadata(g, stream, *full),
                          runtime.launch_enter_hook, runtime.launch_exit_hook, *full)
             return
-    tune_key = (id(kernel), tuple(consts.values()), tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
+    # The autotuner's own key: its key arguments' values and the tensors' dtypes.
+    named = {**dict(zip(kernel.fn.arg_names, args)), **consts}
+    tune_key = (id(kernel), tuple(named[k] for k in kernel.keys),
+                tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
     config = _TUNED.get(tune_key)
     if config is None:
         kernel[grid](*args, **consts)
@@ -220,14 +235,29 @@ def mm(a, b, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def tile_range(N, BN: tl.constexpr):
-    """This program's run of ``BN``-token tiles: grid axis 1 splits the ``cdiv(N, BN)`` tiles of a head
-    into equal runs. Returns ``(first tile, end tile, end row, token indices of the first tile)``."""
+def tile_range(N, BN: tl.constexpr, STRIDED: tl.constexpr):
+    """This program's share of the ``cdiv(N, BN)`` token tiles of a head, split over grid axis 1's S programs.
+
+    Contiguous (``STRIDED`` False): program s takes a run of adjacent tiles. Strided: program s takes tiles
+    s, s+S, s+2S, … — a head's S programs then stream adjacent tiles at the same time, which DRAM serves
+    faster for the long reductions (state pass 42.4 → 38.6 µs at (2,4,50176,64), H100, docs/kernels.md) but
+    not at every shape, so the autotuner chooses. Returns ``(tile count, row step, end row, token indices of
+    the first tile)``; rows at or past the end row are masked.
+    """
     n_tiles = tl.cdiv(N, BN)
-    per = tl.cdiv(n_tiles, tl.num_programs(1))
-    t_lo = tl.program_id(1) * per
-    t_hi = tl.minimum(t_lo + per, n_tiles)
-    return t_lo, t_hi, tl.minimum(t_hi * BN, N), t_lo * BN + tl.arange(0, BN)
+    if STRIDED:
+        first = tl.program_id(1)
+        count = tl.cdiv(n_tiles - first, tl.num_programs(1))
+        row_step = tl.num_programs(1) * BN
+        row_end = N
+    else:
+        per = tl.cdiv(n_tiles, tl.num_programs(1))
+        first = tl.program_id(1) * per
+        last = tl.minimum(first + per, n_tiles)
+        count = last - first
+        row_step = BN
+        row_end = tl.minimum(last * BN, N)
+    return count, row_step, row_end, first * BN + tl.arange(0, BN)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode,
                      feature, feature_grad, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope,
-                     split_grid, tile_range, token_grid)
+                     size_class, split_grid, tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -36,14 +36,15 @@ __all__ = ["linear_attention_bwd", "backward_q", "backward_kv"]
 
 
 @triton.autotune(configs=autotune_configs("reduce"),
-                 key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "ATOMIC", "DOT_MODE"], reset_to_zero=["dstate_ptr"])
-@triton.jit(do_not_specialize=["N", "W", "COPIES"])
+                 key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "ATOMIC", "DOT_MODE", "SIZE_CLASS"],
+                 reset_to_zero=["dstate_ptr"])
+@triton.jit(do_not_specialize=["N", "SIZE_CLASS", "W", "COPIES"])
 def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
                   sqb, sqh, sqn, sqd, sgb, sgh, sgn, sgd, sdb, sdh, sdn, sdd,
-                  H, N, W, COPIES, copy_stride, scale, eps,
+                  H, N, SIZE_CLASS, W, COPIES, copy_stride, scale, eps,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
@@ -68,14 +69,14 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     dk_acc = tl.zeros((BD, 16), dtype=tl.float32)
     dv_acc = tl.zeros((BDV, 16), dtype=tl.float32)
 
-    t_lo, t_hi, row_end, rows = tile_range(N, BN)
+    count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
     # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there.
     gx = load_tile(g_base, rows64, vcols, sgn, sgd, rmask, vmask)
-    for _ in range(t_lo, t_hi):
-        nrows = rows + BN
+    for _ in range(0, count):
+        nrows = rows + row_step
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
         qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
@@ -141,15 +142,15 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
 
 
 @triton.autotune(configs=autotune_configs("token"),
-                 key=["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "DOT_MODE"])
-@triton.jit(do_not_specialize=["N", "W"])
+                 key=["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "DOT_MODE", "SIZE_CLASS"])
+@triton.jit(do_not_specialize=["N", "SIZE_CLASS", "W"])
 def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, dw_ptr,
                    skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
                    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdwb, sdwh, sdwn,
-                   H, N, W, state_scale, inv_n,
+                   H, N, SIZE_CLASS, W, state_scale, inv_n,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
-                   DOT_MODE: tl.constexpr, BN: tl.constexpr):
+                   DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
     v_base = head_ptr(v_ptr, pid_bh, H, svb, svh)
@@ -162,7 +163,7 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     vcols = tl.arange(0, BDV)
     cmask = cols < D
     vmask = vcols < DV
-    t_lo, t_hi, row_end, rows = tile_range(N, BN)
+    count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     kx = load_tile(k_base, rows64, cols, skn, skd, rmask, cmask)
@@ -178,8 +179,8 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     if NEED_VMEAN:
         dvbar = tl.load(d_base + D * DV + D + vcols, mask=vmask, other=0.0) * inv_n
 
-    for _ in range(t_lo, t_hi):
-        nrows = rows + BN
+    for _ in range(0, count):
+        nrows = rows + row_step
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
         kx_next = load_tile(k_base, nrows64, cols, skn, skd, nmask, cmask)
@@ -252,7 +253,7 @@ def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[
     launch(_bwd_q_kernel, split_grid(bh, n, ns), (
         q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf,
         *q.stride(), *grad_out.stride(), *dq.stride(),
-        heads, n, max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(
+        heads, n, size_class(n), max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(
         D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
         NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=ns > 1, DOT_MODE=mode))
     dstate = buf[0] if copies == 1 else buf.sum(0)
@@ -335,7 +336,7 @@ def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle:
     launch(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
         k, v, w, rope_angle if rope_angle is not None else k, dstate, dk, dv, dw if has_w else dk,
         *k.stride(), *v.stride(), *sw, *dk.stride(), *dv.stride(), *sdw,
-        heads, n, max(rope_width, 1), scale / n, 1.0 / n), dict(
+        heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
         D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
         ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
     return dk, dv, dw

@@ -31,22 +31,22 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
-                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, split_grid,
-                     tile_range, token_grid)
+                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, size_class,
+                     split_grid, tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
-_KEY = ["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "ATOMIC", "DOT_MODE"]
+_KEY = ["BD", "BDV", "FEATURE", "HAS_W", "ROPE", "NEED_VMEAN", "ATOMIC", "DOT_MODE", "SIZE_CLASS"]
 
 
 @triton.autotune(configs=autotune_configs("reduce"), key=_KEY, reset_to_zero=["state_ptr"])
-@triton.jit(do_not_specialize=["N", "W", "COPIES"])
+@triton.jit(do_not_specialize=["N", "SIZE_CLASS", "W", "COPIES"])
 def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
                   skb, skh, skn, skd, svb, svh, svn, svd, swb, swh, swn,
-                  H, N, W, COPIES, copy_stride, state_scale, inv_n,
+                  H, N, SIZE_CLASS, W, COPIES, copy_stride, state_scale, inv_n,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr):
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
@@ -63,15 +63,15 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
     vsum = tl.zeros((BDV, 16), dtype=tl.float32)
 
     # Software prefetch: the loads of tile t+1 are issued before tile t is reduced.
-    t_lo, t_hi, row_end, rows = tile_range(N, BN)
+    count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     kx = load_tile(k_base, rows64, cols, skn, skd, rmask, cmask)
     vx = load_tile(v_base, rows64, vcols, svn, svd, rmask, vmask)
     if HAS_W:
         wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
-    for _ in range(t_lo, t_hi):
-        nrows = rows + BN
+    for _ in range(0, count):
+        nrows = rows + row_step
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
         kx_next = load_tile(k_base, nrows64, cols, skn, skd, nmask, cmask)
@@ -113,14 +113,15 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
             tl.store(s_base + D * DV + D + vcols, column0(vsum) * inv_n, mask=vmask)
 
 
-@triton.autotune(configs=autotune_configs("token"), key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "DOT_MODE"])
-@triton.jit(do_not_specialize=["N", "W"])
+@triton.autotune(configs=autotune_configs("token"),
+                 key=["BD", "BDV", "FEATURE", "NORM", "ROPE", "DOT_MODE", "SIZE_CLASS"])
+@triton.jit(do_not_specialize=["N", "SIZE_CLASS", "W"])
 def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
                    sqb, sqh, sqn, sqd, sob, soh, son, sod,
-                   H, N, W, scale, eps,
+                   H, N, SIZE_CLASS, W, scale, eps,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                   DOT_MODE: tl.constexpr, BN: tl.constexpr):
+                   DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
     o_base = head_ptr(o_ptr, pid_bh, H, sob, soh)
@@ -129,7 +130,7 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     vcols = tl.arange(0, BDV)
     cmask = cols < D
     vmask = vcols < DV
-    t_lo, t_hi, row_end, rows = tile_range(N, BN)
+    count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
     rows64 = rows.to(tl.int64)
     qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
@@ -142,8 +143,8 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     if NORM == 1 or NORM == 2:
         vbar = tl.load(s_base + D * DV + D + vcols, mask=vmask, other=0.0)
 
-    for _ in range(t_lo, t_hi):
-        nrows = rows + BN
+    for _ in range(0, count):
+        nrows = rows + row_step
         nmask = nrows < row_end
         nrows64 = nrows.to(tl.int64)
         qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
@@ -202,7 +203,7 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
     launch(_state_kernel, split_grid(bh, n, ns), (
         k, v, key_weights if has_w else k, rope_angle if rope_angle is not None else k, buf,
         *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
-        heads, n, max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
+        heads, n, size_class(n), max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
         D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
         ROPE=rope_angle is not None, NEED_VMEAN=need_vmean, ATOMIC=ns > 1, DOT_MODE=mode))
     return buf[0] if copies == 1 else buf.sum(0)
@@ -216,7 +217,7 @@ def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Ten
     out = torch.empty((bsz, heads, n, dv), device=q.device, dtype=v.dtype)
     launch(_output_kernel, token_grid(bsz * heads, n, q.device), (
         q, state, out, rope_angle if rope_angle is not None else q, *q.stride(), *out.stride(),
-        heads, n, max(rope_width, 1), scale, eps), dict(
+        heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
         D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
         NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
     return out
