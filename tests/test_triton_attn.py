@@ -360,3 +360,24 @@ def test_launch_specialisation_key():
     assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
     if common.INTERPRETING:
         assert not common.DIRECT_LAUNCH
+
+
+def test_benchmark_value_check():
+    """tools/benchmark_attn.value_check passes the Triton path and flags a wrong one (fp32, tiny shape)."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "tools" / "benchmark_attn.py"
+    spec = importlib.util.spec_from_file_location("_linvision_benchmark_attn", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    q, k, v, _, _ = _inputs(1, 2, 37, 16, 16, torch.float32, "elu1", False, False)
+    g = torch.randn_like(v)
+    opts = dict(normalization="division", feature_map="elu1")
+
+    def reference(q, k, v):
+        return linear_attention_torch(q, k, v, **opts)
+
+    good = bench.value_check(lambda q, k, v: linear_attention(q, k, v, backend="triton", **opts), reference, q, k, v, g)
+    assert good["value_check"] == "pass", good
+    bad = bench.value_check(lambda q, k, v: 1.01 * reference(q, k, v), reference, q, k, v, g)
+    assert bad["value_check"] == "FAIL" and bad["rel_err_out"] > 1e-3, bad

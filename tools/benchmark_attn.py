@@ -13,7 +13,10 @@ Prints one JSON object per (shape, options) line, then a summary table. Times in
   q, k, v, dout and writes dq, dk, dv once (the fp32 state, d·dv per head, is not counted);
 * ``floor_*_us`` — those bytes at the measured copy bandwidth (a 1 GiB ``copy_``, read + write bytes);
   ``copy_same_bytes_*_us`` — a ``copy_`` moving exactly the floor's bytes, in the same harnesses;
-* ``*_frac_copy_bw`` — ``floor_us / time`` (1.0 = at the copy floor; the forward target is ≥ 0.75).
+* ``*_frac_copy_bw`` — ``floor_us / time`` (1.0 = at the copy floor; the forward target is ≥ 0.75);
+* ``rel_err_{out,dq,dk,dv}`` — ``max|triton − ref| / max|ref|`` against the fp32 reference, run after the
+  timings so with the configs the autotuner picked for this shape; ``value_check`` pass/FAIL (the exit
+  status is 1 if any row, or the fp16 overflow check, fails).
 
 Run on a GPU: ``python tools/benchmark_attn.py [--no-compile] [--no-sdpa] [--out results.json]``.
 """
@@ -23,6 +26,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -30,6 +34,7 @@ import torch.nn.functional as F
 
 from linvision.attn.core import linear_attention, linear_attention_torch
 from linvision.attn.rope import RopeGrid, rope_angle
+from linvision.checkpoint import atomic_write
 
 SHAPES = [(8, 4, 3136, 64), (2, 4, 50176, 64), (32, 3, 3136, 32), (2048, 3, 196, 32), (1, 1, 262144, 64)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -115,6 +120,26 @@ def traffic(b: int, h: int, n: int, d: int, dv: int, esize: int, weights: bool) 
     return {"floor_fwd_bytes": fwd, "floor_fwdbwd_bytes": fwd + bwd}
 
 
+# Bound on max|triton − ref| / max|ref| (twice the tests' elementwise rtol: the tests allow rtol·|ref| + rtol·max|ref|).
+CHECK_TOL = {torch.bfloat16: 4e-2, torch.float16: 1e-2, torch.float32: 2e-4}
+
+
+def value_check(triton_fn: Callable, reference_fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                g: torch.Tensor) -> Dict[str, object]:
+    """The timed Triton path (with the configs the autotuner picked for this shape) against the fp32 reference:
+    ``max|triton − ref| / max|ref|`` for out, dq, dk, dv, and ``value_check`` = pass/FAIL against ``CHECK_TOL``."""
+    tri_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    out = triton_fn(*tri_in)
+    tri = [out] + list(torch.autograd.grad(out, tri_in, g))
+    ref_out = reference_fn(*ref_in)
+    ref = [ref_out] + list(torch.autograd.grad(ref_out, ref_in, g.float()))
+    errs = {name: ((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            for name, a, b in zip(("out", "dq", "dk", "dv"), tri, ref)}
+    ok = all(e <= CHECK_TOL[q.dtype] for e in errs.values())
+    return {**{f"rel_err_{name}": e for name, e in errs.items()}, "value_check": "pass" if ok else "FAIL"}
+
+
 def run_case(b: int, h: int, n: int, d: int, dtype: torch.dtype, normalization: str, feature_map: str,
              rope: bool, copy_bw: float, compiled: Dict[str, Callable], use_compile: bool,
              skip_sdpa: bool) -> Dict[str, object]:
@@ -165,6 +190,8 @@ def run_case(b: int, h: int, n: int, d: int, dtype: torch.dtype, normalization: 
         same = copy_same_bytes(row[f"floor_{kind}_bytes"])
         row[f"copy_same_bytes_{kind}_us"] = same["do_bench"]
         row[f"copy_same_bytes_clean_{kind}_us"] = same["clean"]
+
+    row.update(value_check(triton_fn, eager_fn, q, k, v, g))
 
     for kind in ("fwd", "fwdbwd"):
         floor_us = row[f"floor_{kind}_bytes"] / copy_bw * 1e6
@@ -243,9 +270,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                           for p in ("triton", "triton_graph", "triton_graph_clean")) for kind in ("fwd", "fwdbwd")]
         print(f"| {name} | {opts} | {fwd} | {r['floor_fwd_us']:.1f} | {fb} | {r['floor_fwdbwd_us']:.1f} | "
               f"{fracs[0]} | {fracs[1]} | {r['speedup_vs_eager_fwdbwd']:.1f} |")
+    failed = [f"{r['B']},{r['H']},{r['N']},{r['d']} {r['normalization']}" for r in rows if r["value_check"] != "pass"]
     if args.out:
-        with open(args.out, "w") as fh:
-            json.dump({"header": header, "rows": rows, "fp16_check": check}, fh, indent=1)
+        payload = json.dumps({"header": header, "rows": rows, "fp16_check": check}, indent=1)
+        atomic_write(args.out, lambda tmp: Path(tmp).write_text(payload))
+    if failed or not all(v for key, v in check.items() if key != "fp16_finite_N"):
+        print(f"error: value check failed for {failed or 'the fp16 overflow check'} (rel_err_* above)", file=sys.stderr)
+        return 1
     return 0
 
 
