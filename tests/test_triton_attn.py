@@ -51,6 +51,18 @@ def _close(name, tri, ref, rtol):
     torch.testing.assert_close(tri.float(), ref.float(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
+def _rerun_in_fresh_process(env: dict, selection: str, *pytest_args: str) -> str:
+    """Run the tests of this file matching ``selection`` in a new pytest process with ``env`` added (the
+    kernel settings read at import take effect there); assert it passed and return its stdout."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+                           "-k", selection, *pytest_args], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
 def check_against_reference(b, h, n, d, dv, dtype, normalization="division", feature_map="elu1", weights=False,
                             rope=False, scale=0.5, splits=None, monkeypatch=None):
     """Run the Triton backend and the reference forward + backward; compare output and grads."""
@@ -121,14 +133,9 @@ def test_strided_tile_order_matches_reference():
     common.tile_range); the suite's single config is contiguous, so the split cases of the small subset
     (every kernel, forced splits, several state copies) re-run in a fresh process with the single config
     strided (LINVISION_TRITON_TILE_ORDER, read at import)."""
-    import subprocess
-    import sys
-    env = dict(os.environ, LINVISION_TRITON_TILE_ORDER="strided")
-    selection = "test_matches_reference_small or test_several_state_copies"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", selection, "-m", "not cuda"], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout, proc.stdout[-2000:]
+    stdout = _rerun_in_fresh_process({"LINVISION_TRITON_TILE_ORDER": "strided"},
+                                     "test_matches_reference_small or test_several_state_copies", "-m", "not cuda")
+    assert " passed" in stdout, stdout[-2000:]
 
 
 @pytest.mark.parametrize("normalization", ["division", "injective"])
@@ -336,13 +343,8 @@ def test_autotuned_configs_match_reference():
     this re-runs a cross-section (large bf16 shapes, dv ≠ d, every normalisation in fp16/bf16 at d = 32)
     with the full autotune sweep in a fresh process, so the configs the autotuner picks there (tile
     sizes, warps, pipeline depths) are checked against the reference."""
-    import subprocess
-    import sys
-    env = dict(os.environ, LINVISION_TRITON_AUTOTUNE="1")
     selection = "test_large_shapes_bf16 or test_different_value_dim or test_every_normalization_low_precision"
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-                           "-k", selection], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    _rerun_in_fresh_process({"LINVISION_TRITON_AUTOTUNE": "1"}, selection)
 
 
 def test_launch_specialisation_key():

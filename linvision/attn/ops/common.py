@@ -51,8 +51,9 @@ def autotune_configs(kind: str) -> List[triton.Config]:
     """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``).
 
     One config under the interpreter (its autotuner needs a GPU driver to bench) or when
-    ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests); otherwise a small sweep over the
-    token-tile size ``BN``, warps and pipeline depth.
+    ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests; its tile order from
+    ``LINVISION_TRITON_TILE_ORDER``); otherwise a small sweep over the token-tile size ``BN``, warps,
+    pipeline depth and tile order (``STRIDED``, see :func:`tile_range`).
     """
     if INTERPRETING or os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
         return [triton.Config({"BN": 64, "STRIDED": _TEST_TILE_ORDER == "strided"}, num_warps=4, num_stages=1)]
