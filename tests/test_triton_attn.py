@@ -349,8 +349,9 @@ def test_autotuned_configs_match_reference():
 
 def test_launch_specialisation_key():
     """The direct-launch cache key (common._specialisation) separates what Triton compiles for:
-    dtypes and 16-byte alignment of pointers, ints by value; floats do not split it. Under the
-    interpreter the direct launch is off (its launcher is not Triton's compiled one)."""
+    dtypes and 16-byte alignment of pointers, ints by value; floats do not split it; the host functions'
+    plan key (common.tensor_key) separates shapes, strides and alignment. Under the interpreter the direct
+    launch is off (its launcher is not Triton's compiled one)."""
     from linvision.attn.ops import common
     base = torch.zeros(64, dtype=torch.float16)
     aligned, misaligned = base[:32], base[1:33]
@@ -358,6 +359,11 @@ def test_launch_specialisation_key():
     assert key == ((torch.float16, True), (torch.float16, False), (torch.float32, True), 48, 1, None)
     assert common._specialisation((aligned, 2, 0.5)) != common._specialisation((aligned, 3, 0.5))
     assert common._specialisation((aligned, 2, 0.5)) == common._specialisation((aligned, 2, 0.25))
+    # The per-pass plan key (common.tensor_key) separates layouts and alignment as well.
+    t = torch.zeros(2, 3, 8, 16)
+    assert common.tensor_key(t, None) == ((t.shape, t.stride(), torch.float32, t.device, True), None)
+    assert common.tensor_key(t) != common.tensor_key(t.transpose(2, 3).contiguous().transpose(2, 3))
+    assert common.tensor_key(base[:32]) != common.tensor_key(base[1:33])
     assert [common.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
     assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
     if common.INTERPRETING:

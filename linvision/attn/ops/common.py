@@ -93,13 +93,11 @@ def reduce_splits(bh: int, n: int, device: torch.device) -> int:
     return max(1, min(want, cdiv(n, REDUCE_MIN_TOKENS)))
 
 
-def reduce_buffer(bh: int, size: int, splits: int, device: torch.device):
-    """fp32 buffer for the partial states of ``splits`` programs per head: ``(copies, B·H, size)``,
-    zeroed when programs add into it (``splits > 1``). Returns ``(buffer, copies)``."""
-    if splits == 1:
-        return torch.empty((1, bh, size), device=device, dtype=torch.float32), 1
-    copies = cdiv(splits, REDUCE_SPLITS_PER_COPY)
-    return torch.zeros((copies, bh, size), device=device, dtype=torch.float32), copies
+def reduce_copies(splits: int) -> int:
+    """fp32 copies of a head's state that ``splits`` programs per head add into (``REDUCE_SPLITS_PER_COPY``
+    each; the copies are summed afterwards). The buffer is ``(copies, B·H, size)``, zeroed when programs
+    add into it (``splits > 1``)."""
+    return 1 if splits == 1 else cdiv(splits, REDUCE_SPLITS_PER_COPY)
 
 
 def token_grid(bh: int, n: int, device: torch.device):
@@ -169,32 +167,55 @@ def _specialisation(args: tuple) -> tuple:
                  for a in args)
 
 
-def launch(kernel, grid, args: tuple, consts: dict) -> None:
-    """Launch an autotuned kernel with the least host work.
+class Direct:
+    """A kept ``CompiledKernel`` with its grid and its non-tensor arguments fixed: ``direct(tensors)``
+    launches it on the current stream, with the same launcher, metadata and profiler hooks that
+    ``JITFunction.run`` uses on a cache hit, but none of its per-call binding, cache-key and option
+    handling (tens of µs per launch on the lent H100's host; these kernels run for ten)."""
+
+    __slots__ = ("compiled", "grid", "rest", "device")
+
+    def __init__(self, compiled, grid: tuple, rest: tuple, device: int):
+        self.compiled, self.grid, self.rest, self.device = compiled, grid, rest, device
+
+    def __call__(self, tensors: tuple) -> None:
+        c, g = self.compiled, self.grid
+        stream = _current_stream(self.device)
+        args = tensors + self.rest
+        enter = _RUNTIME.launch_enter_hook
+        c.run(g[0], g[1], g[2], stream, c.function, c.packed_metadata,
+              None if enter is None else c.launch_metadata(g, stream, *args), enter, _RUNTIME.launch_exit_hook, *args)
+
+
+_RUNTIME = triton.knobs.runtime if DIRECT_LAUNCH else None
+_current_stream = None    # the driver's get_current_stream, bound at the first kept kernel
+
+
+def launch(kernel, grid, args: tuple, consts: dict) -> Optional[Direct]:
+    """Launch an autotuned kernel with the least host work. ``args``: its runtime arguments, tensors
+    first, then ints/floats.
 
     * First call for a (kernel, constexprs, dtypes) key: through ``triton.autotune``, which benchmarks
       the configs and picks one.
     * First call for a new argument specialisation: ``JITFunction.run`` with that config (compiles or
       finds the binary) and the ``CompiledKernel`` is kept.
-    * Every later call launches the kept ``CompiledKernel`` directly, exactly as ``JITFunction.run``
-      would (same launcher, metadata and hooks), skipping the Autotuner's and the JIT's per-call
-      binding, cache-key and option handling: that host work (≈ 20–60 µs per launch, measured on the
-      lent H100's host) is several times the device time of these kernels at common sizes.
+    * Every later call launches the kept ``CompiledKernel`` directly (:class:`Direct`).
+
+    Returns the :class:`Direct` for these exact non-tensor arguments once a kernel is kept (else None), so
+    that a caller which keys it on everything that fixes them (:class:`KernelCall`) can skip this function.
     """
+    global _current_stream
     if DIRECT_LAUNCH:
         device = triton.runtime.driver.active.get_current_device()
         key = (device, kernel, tuple(consts.values()), _specialisation(args))
         entry = _COMPILED.get(key)
         if entry is not None:
             compiled, tail, meta = entry
-            g = grid(meta)
-            full = args + tail
-            stream = triton.runtime.driver.active.get_current_stream(device)
-            runtime = triton.knobs.runtime
-            compiled.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, stream, compiled.function,
-                         compiled.packed_metadata, compiled.launch_metadata(g, stream, *full),
-                         runtime.launch_enter_hook, runtime.launch_exit_hook, *full)
-            return
+            g = tuple(grid(meta)) + (1, 1)
+            n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+            direct = Direct(compiled, g[:3], args[n_tensors:] + tail, device)
+            direct(args[:n_tensors])
+            return direct
     # The autotuner's own key: its key arguments' values and the tensors' dtypes.
     named = {**dict(zip(kernel.fn.arg_names, args)), **consts}
     tune_key = (id(kernel), tuple(named[k] for k in kernel.keys),
@@ -203,7 +224,7 @@ def launch(kernel, grid, args: tuple, consts: dict) -> None:
     if config is None:
         kernel[grid](*args, **consts)
         _TUNED[tune_key] = kernel.best_config
-        return
+        return None
     kwargs = {**consts, **config.all_kwargs()}
     compiled = kernel.fn[grid](*args, **kwargs)
     if DIRECT_LAUNCH and compiled is not None:
@@ -212,6 +233,52 @@ def launch(kernel, grid, args: tuple, consts: dict) -> None:
             if len(_COMPILED) >= _COMPILED_MAX:
                 _COMPILED.clear()
             _COMPILED[key] = (compiled, tuple(kwargs[name] for name in names), {**consts, **config.kwargs})
+            if _current_stream is None:
+                _current_stream = triton.runtime.driver.active.get_current_stream
+    return None
+
+
+def tensor_key(*tensors) -> tuple:
+    """What a pass's launch depends on per tensor argument (None stays None): shape, strides, dtype,
+    device and whether the data pointer is 16-byte aligned (Triton specialises pointers on it)."""
+    return tuple(None if t is None else (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+                 for t in tensors)
+
+
+def policy_key() -> tuple:
+    """The launch-policy settings a pass's grid and buffers depend on (tests and sweeps change them)."""
+    return FORCE_SPLITS, REDUCE_PROGRAMS_PER_SM, REDUCE_MIN_TOKENS, REDUCE_SPLITS_PER_COPY, TOKEN_PROGRAMS_PER_SM
+
+
+class KernelCall:
+    """One launch site with its non-tensor arguments fixed: ``call(*tensors)``.
+
+    The host functions build one per pass signature (cached on :func:`tensor_key`, options and
+    :func:`policy_key`, which fix every scalar argument, the grid and the specialisation). The first calls
+    go through :func:`launch` (autotune, then compile); once it hands back a :class:`Direct`, later calls
+    launch that directly: no grid, key or argument work per call."""
+
+    __slots__ = ("kernel", "grid", "scalars", "consts", "direct")
+
+    def __init__(self, kernel, grid, scalars: tuple, consts: dict):
+        self.kernel, self.grid, self.scalars, self.consts, self.direct = kernel, grid, scalars, consts, None
+
+    def __call__(self, *tensors) -> None:
+        if self.direct is not None:
+            self.direct(tensors)
+        else:
+            self.direct = launch(self.kernel, self.grid, tensors + self.scalars, self.consts)
+
+
+class PlanCache(dict):
+    """``key -> plan`` for one host function, cleared when it grows past ``_COMPILED_MAX`` entries (one
+    per shape/layout/option set seen)."""
+
+    def put(self, key, plan):
+        if len(self) >= _COMPILED_MAX:
+            self.clear()
+        self[key] = plan
+        return plan
 
 
 def block(dim: int) -> int:

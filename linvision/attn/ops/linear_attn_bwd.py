@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode,
-                     feature, feature_grad, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope,
-                     size_class, split_grid, tile_range, token_grid)
+from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, autotune_configs, block,
+                     column0, dot_mode, feature, feature_grad, head_ptr, load_tile, mm, policy_key, reduce_copies,
+                     reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -241,23 +241,58 @@ def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_
     return dq, dk, dv, dw
 
 
+class _QSidePass:
+    """Backward pass 1 for one signature: the gradient buffer's layout and the kernel call."""
+
+    def __init__(self, grad_out: Tensor, q: Tensor, rope_angle: Optional[Tensor], rope_width: int,
+                 normalization: str, feature_map: str, scale: float, eps: float, mode: int):
+        bsz, heads, n, d = q.shape
+        dv_dim = grad_out.shape[-1]
+        bh = bsz * heads
+        splits = reduce_splits(bh, n, q.device)
+        self.copies = reduce_copies(splits)
+        self.shape = (self.copies, bh, state_size(d, dv_dim))
+        self.zeroed = splits > 1
+        dq_strides = (heads * n * d, n * d, d, 1)          # of the contiguous dq
+        self.call = KernelCall(_bwd_q_kernel, split_grid(bh, n, splits), (
+            *q.stride(), *grad_out.stride(), *dq_strides,
+            heads, n, size_class(n), max(rope_width, 1), self.copies, bh * state_size(d, dv_dim), scale, eps), dict(
+            D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
+            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=splits > 1, DOT_MODE=mode))
+
+
+class _KVSidePass:
+    """Backward pass 2 for one signature: the kernel call (dk, dv, dw are contiguous)."""
+
+    def __init__(self, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
+                 rope_width: int, normalization: str, feature_map: str, scale: float, mode: int):
+        bsz, heads, n, d = k.shape
+        dv_dim = v.shape[-1]
+        has_w = key_weights is not None
+        self.call = KernelCall(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
+            *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
+            heads * n * d, n * d, d, 1, heads * n * dv_dim, n * dv_dim, dv_dim, 1,
+            *((heads * n, n, 1) if has_w else (0, 0, 0)),
+            heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
+            D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
+            ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
+
+
+_Q_SIDE_PASSES = PlanCache()
+_KV_SIDE_PASSES = PlanCache()
+
+
 def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
                normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tuple[Tensor, Tensor]:
     """Backward pass 1: ``dq`` and the fp32 gradient of the state ``(B·H, d·dv + d + dv)``."""
-    bsz, heads, n, d = q.shape
-    dv_dim = grad_out.shape[-1]
-    bh = bsz * heads
-    ns = reduce_splits(bh, n, q.device)
-    buf, copies = reduce_buffer(bh, state_size(d, dv_dim), ns, q.device)
-    dq = torch.empty((bsz, heads, n, d), device=q.device, dtype=q.dtype)
-    launch(_bwd_q_kernel, split_grid(bh, n, ns), (
-        q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf,
-        *q.stride(), *grad_out.stride(), *dq.stride(),
-        heads, n, size_class(n), max(rope_width, 1), copies, buf.stride(0), scale, eps), dict(
-        D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
-        NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=ns > 1, DOT_MODE=mode))
-    dstate = buf[0] if copies == 1 else buf.sum(0)
-    return dq, dstate
+    key = (tensor_key(grad_out, q, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
+           policy_key())
+    plan = _Q_SIDE_PASSES.get(key) or _Q_SIDE_PASSES.put(key, _QSidePass(
+        grad_out, q, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
+    buf = (torch.zeros if plan.zeroed else torch.empty)(plan.shape, device=q.device, dtype=torch.float32)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    plan.call(q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf)
+    return dq, (buf[0] if plan.copies == 1 else buf.sum(0))
 
 
 def _backward_q_torch(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
@@ -323,20 +358,13 @@ def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle:
                 rope_width: int, normalization: str, feature_map: str, scale: float,
                 mode: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient."""
-    bsz, heads, n, d = k.shape
-    dv_dim = v.shape[-1]
-    has_w = key_weights is not None
-    dk = torch.empty((bsz, heads, n, d), device=k.device, dtype=k.dtype)
-    dv = torch.empty((bsz, heads, n, dv_dim), device=k.device, dtype=v.dtype)
-    if has_w:
-        dw = torch.empty((bsz, heads, n), device=k.device, dtype=key_weights.dtype)
-        w, sw, sdw = key_weights, key_weights.stride(), dw.stride()
-    else:
-        dw, w, sw, sdw = None, k, (0, 0, 0), (0, 0, 0)
-    launch(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
-        k, v, w, rope_angle if rope_angle is not None else k, dstate, dk, dv, dw if has_w else dk,
-        *k.stride(), *v.stride(), *sw, *dk.stride(), *dv.stride(), *sdw,
-        heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
-        D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
-        ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
+    key = (tensor_key(k, v, key_weights, rope_angle, dstate), rope_width, normalization, feature_map, scale, mode,
+           policy_key())
+    plan = _KV_SIDE_PASSES.get(key) or _KV_SIDE_PASSES.put(key, _KVSidePass(
+        k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode))
+    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
+    dv = torch.empty(v.shape, device=k.device, dtype=v.dtype)
+    dw = None if key_weights is None else torch.empty(key_weights.shape, device=k.device, dtype=key_weights.dtype)
+    plan.call(k, v, key_weights if key_weights is not None else k, rope_angle if rope_angle is not None else k, dstate,
+              dk, dv, dw if dw is not None else dk)
     return dk, dv, dw

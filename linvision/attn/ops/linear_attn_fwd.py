@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, autotune_configs, block, column0, dot_mode, feature,
-                     first_column, head_ptr, launch, load_tile, mm, reduce_buffer, reduce_splits, rope, size_class,
-                     split_grid, tile_range, token_grid)
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, autotune_configs, block, column0,
+                     dot_mode, feature, first_column, head_ptr, load_tile, mm, policy_key, reduce_copies,
+                     reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -183,41 +183,71 @@ def linear_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[
 
     ``rope_angle``: ``(d/2,)`` float32 contiguous on q's device, or None; ``rope_width``: grid width.
     """
-    state = forward_state(k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale,
-                          dot_mode(q, k, v))
-    out = forward_output(q, v, state, rope_angle, rope_width, normalization, feature_map, scale, eps,
-                         dot_mode(q, k, v))
+    mode = dot_mode(q, k, v)
+    state = forward_state(k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode)
+    out = forward_output(q, v, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
     return out, state
+
+
+class _StatePass:
+    """Pass 1 for one signature: the state buffer's layout and the kernel call (host work done once)."""
+
+    def __init__(self, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
+                 rope_width: int, normalization: str, feature_map: str, scale: float, mode: int):
+        bsz, heads, n, d = k.shape
+        dv = v.shape[-1]
+        bh = bsz * heads
+        has_w = key_weights is not None
+        splits = reduce_splits(bh, n, k.device)
+        self.copies = reduce_copies(splits)
+        self.shape = (self.copies, bh, state_size(d, dv))
+        self.zeroed = splits > 1
+        self.call = KernelCall(_state_kernel, split_grid(bh, n, splits), (
+            *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
+            heads, n, size_class(n), max(rope_width, 1), self.copies, bh * state_size(d, dv), scale / n, 1.0 / n), dict(
+            D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
+            ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), ATOMIC=splits > 1,
+            DOT_MODE=mode))
+
+
+class _OutputPass:
+    """Pass 2 for one signature: the output's shape and the kernel call."""
+
+    def __init__(self, q: Tensor, v: Tensor, rope_angle: Optional[Tensor], rope_width: int, normalization: str,
+                 feature_map: str, scale: float, eps: float, mode: int):
+        bsz, heads, n, d = q.shape
+        dv = v.shape[-1]
+        self.shape = (bsz, heads, n, dv)
+        out_strides = (heads * n * dv, n * dv, dv, 1)      # of the contiguous output
+        self.call = KernelCall(_output_kernel, token_grid(bsz * heads, n, q.device), (
+            *q.stride(), *out_strides, heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
+            D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
+            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
+
+
+_STATE_PASSES = PlanCache()
+_OUTPUT_PASSES = PlanCache()
 
 
 def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], rope_width: int,
                   normalization: str, feature_map: str, scale: float, mode: int) -> Tensor:
     """Pass 1: the fp32 state buffer ``(B·H, d·dv + d + dv)``."""
-    bsz, heads, n, d = k.shape
-    dv = v.shape[-1]
-    bh = bsz * heads
-    need_vmean = NORMALIZATION_IDS[normalization] in (1, 2)
-    has_w = key_weights is not None
-    ns = reduce_splits(bh, n, k.device)
-    buf, copies = reduce_buffer(bh, state_size(d, dv), ns, k.device)
-    launch(_state_kernel, split_grid(bh, n, ns), (
-        k, v, key_weights if has_w else k, rope_angle if rope_angle is not None else k, buf,
-        *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
-        heads, n, size_class(n), max(rope_width, 1), copies, buf.stride(0), scale / n, 1.0 / n), dict(
-        D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
-        ROPE=rope_angle is not None, NEED_VMEAN=need_vmean, ATOMIC=ns > 1, DOT_MODE=mode))
-    return buf[0] if copies == 1 else buf.sum(0)
+    key = (tensor_key(k, v, key_weights, rope_angle), rope_width, normalization, feature_map, scale, mode,
+           policy_key())
+    plan = _STATE_PASSES.get(key) or _STATE_PASSES.put(key, _StatePass(
+        k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode))
+    buf = (torch.zeros if plan.zeroed else torch.empty)(plan.shape, device=k.device, dtype=torch.float32)
+    plan.call(k, v, key_weights if key_weights is not None else k, rope_angle if rope_angle is not None else k, buf)
+    return buf[0] if plan.copies == 1 else buf.sum(0)
 
 
 def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
                    normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tensor:
     """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state."""
-    bsz, heads, n, d = q.shape
-    dv = v.shape[-1]
-    out = torch.empty((bsz, heads, n, dv), device=q.device, dtype=v.dtype)
-    launch(_output_kernel, token_grid(bsz * heads, n, q.device), (
-        q, state, out, rope_angle if rope_angle is not None else q, *q.stride(), *out.stride(),
-        heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
-        D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
-        NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
+    key = (tensor_key(q, v, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
+           policy_key())
+    plan = _OUTPUT_PASSES.get(key) or _OUTPUT_PASSES.put(key, _OutputPass(
+        q, v, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
+    out = torch.empty(plan.shape, device=q.device, dtype=v.dtype)
+    plan.call(q, state, out, rope_angle if rope_angle is not None else q)
     return out
