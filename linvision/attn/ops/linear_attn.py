@@ -86,12 +86,13 @@ _fwd_op.register_autograd(_op_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 
 class _LinearAttentionFunction(torch.autograd.Function):
+    # The non-tensor options travel as one tuple argument: each argument of ``apply`` (and each ``None``
+    # gradient returned for it) costs host time on every call.
     @staticmethod
-    def forward(ctx, q, k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, eps):
-        out, state = linear_attention_fwd(q, k, v, key_weights, rope_angle, rope_width, normalization, feature_map,
-                                          scale, eps)
+    def forward(ctx, q, k, v, key_weights, rope_angle, options):
+        out, state = linear_attention_fwd(q, k, v, key_weights, rope_angle, *options)
         ctx.save_for_backward(q, k, v, key_weights, rope_angle, state)
-        ctx.options = (rope_width, normalization, feature_map, scale, eps)
+        ctx.options = options
         return out
 
     @staticmethod
@@ -99,7 +100,7 @@ class _LinearAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, key_weights, rope_angle, state = ctx.saved_tensors
         dq, dk, dv, dw = linear_attention_bwd(grad_out, q, k, v, key_weights, rope_angle, state, *ctx.options)
-        return dq, dk, dv, dw, None, None, None, None, None, None
+        return dq, dk, dv, dw, None, None
 
 
 def linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "division",
@@ -118,7 +119,7 @@ def linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, normalization: s
         width = int(rope.width)
     else:
         angle, width = None, 0
-    args = (q, k, v, key_weights, angle, width, normalization, feature_map, float(scale), float(eps))
+    options = (width, normalization, feature_map, float(scale), float(eps))
     if torch.compiler.is_compiling():
-        return _fwd_op(*args)[0]
-    return _LinearAttentionFunction.apply(*args)
+        return _fwd_op(q, k, v, key_weights, angle, *options)[0]
+    return _LinearAttentionFunction.apply(q, k, v, key_weights, angle, options)
