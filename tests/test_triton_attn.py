@@ -364,6 +364,7 @@ def test_launch_specialisation_key():
     assert common.tensor_key(t, None) == ((t.shape, t.stride(), torch.float32, t.device, True), None)
     assert common.tensor_key(t) != common.tensor_key(t.transpose(2, 3).contiguous().transpose(2, 3))
     assert common.tensor_key(base[:32]) != common.tensor_key(base[1:33])
+    assert common.contiguous_strides((2, 3, 8, 16)) == t.stride() and common.contiguous_strides((5,)) == (1,)
     assert [common.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
     assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
     if common.INTERPRETING:

@@ -93,11 +93,35 @@ def reduce_splits(bh: int, n: int, device: torch.device) -> int:
     return max(1, min(want, cdiv(n, REDUCE_MIN_TOKENS)))
 
 
-def reduce_copies(splits: int) -> int:
-    """fp32 copies of a head's state that ``splits`` programs per head add into (``REDUCE_SPLITS_PER_COPY``
-    each; the copies are summed afterwards). The buffer is ``(copies, B·H, size)``, zeroed when programs
-    add into it (``splits > 1``)."""
-    return 1 if splits == 1 else cdiv(splits, REDUCE_SPLITS_PER_COPY)
+class ReduceBuffer:
+    """Layout of a reduction pass's fp32 buffer for ``splits`` programs per head: ``(copies, B·H, size)``.
+
+    Programs add their partial states into it with fp32 atomics, so it is zeroed when ``splits > 1``;
+    more than ``REDUCE_SPLITS_PER_COPY`` programs per head add into several copies (atomics on one address
+    serialise), which :meth:`total` sums afterwards."""
+
+    __slots__ = ("copies", "shape", "zeroed")
+
+    def __init__(self, bh: int, size: int, splits: int):
+        self.copies = 1 if splits == 1 else cdiv(splits, REDUCE_SPLITS_PER_COPY)
+        self.shape = (self.copies, bh, size)
+        self.zeroed = splits > 1
+
+    def allocate(self, device: torch.device) -> torch.Tensor:
+        return (torch.zeros if self.zeroed else torch.empty)(self.shape, device=device, dtype=torch.float32)
+
+    def total(self, buf: torch.Tensor) -> torch.Tensor:
+        """The reduced ``(B·H, size)`` state: copy 0, or the sum of the copies."""
+        return buf[0] if self.copies == 1 else buf.sum(0)
+
+
+def contiguous_strides(shape: tuple) -> tuple:
+    """Strides of a contiguous tensor of ``shape`` (what ``torch.empty(shape)`` returns), without allocating."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
 
 
 def token_grid(bh: int, n: int, device: torch.device):

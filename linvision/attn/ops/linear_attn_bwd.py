@@ -25,9 +25,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, autotune_configs, block,
-                     column0, dot_mode, feature, feature_grad, head_ptr, load_tile, mm, policy_key, reduce_copies,
-                     reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
+from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
+                     autotune_configs, block, column0, contiguous_strides, dot_mode, feature, feature_grad, head_ptr,
+                     load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid, tensor_key, tile_range,
+                     token_grid)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -250,13 +251,11 @@ class _QSidePass:
         dv_dim = grad_out.shape[-1]
         bh = bsz * heads
         splits = reduce_splits(bh, n, q.device)
-        self.copies = reduce_copies(splits)
-        self.shape = (self.copies, bh, state_size(d, dv_dim))
-        self.zeroed = splits > 1
-        dq_strides = (heads * n * d, n * d, d, 1)          # of the contiguous dq
+        self.buffer = ReduceBuffer(bh, state_size(d, dv_dim), splits)
         self.call = KernelCall(_bwd_q_kernel, split_grid(bh, n, splits), (
-            *q.stride(), *grad_out.stride(), *dq_strides,
-            heads, n, size_class(n), max(rope_width, 1), self.copies, bh * state_size(d, dv_dim), scale, eps), dict(
+            *q.stride(), *grad_out.stride(), *contiguous_strides(q.shape),        # dq is contiguous
+            heads, n, size_class(n), max(rope_width, 1), self.buffer.copies, bh * state_size(d, dv_dim), scale,
+            eps), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
             NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=splits > 1, DOT_MODE=mode))
 
@@ -271,8 +270,8 @@ class _KVSidePass:
         has_w = key_weights is not None
         self.call = KernelCall(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
             *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
-            heads * n * d, n * d, d, 1, heads * n * dv_dim, n * dv_dim, dv_dim, 1,
-            *((heads * n, n, 1) if has_w else (0, 0, 0)),
+            *contiguous_strides(k.shape), *contiguous_strides(v.shape),
+            *(contiguous_strides(key_weights.shape) if has_w else (0, 0, 0)),
             heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
             ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
@@ -289,10 +288,10 @@ def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[
            policy_key())
     plan = _Q_SIDE_PASSES.get(key) or _Q_SIDE_PASSES.put(key, _QSidePass(
         grad_out, q, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
-    buf = (torch.zeros if plan.zeroed else torch.empty)(plan.shape, device=q.device, dtype=torch.float32)
+    buf = plan.buffer.allocate(q.device)
     dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     plan.call(q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf)
-    return dq, (buf[0] if plan.copies == 1 else buf.sum(0))
+    return dq, plan.buffer.total(buf)
 
 
 def _backward_q_torch(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,

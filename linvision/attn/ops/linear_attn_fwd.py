@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, autotune_configs, block, column0,
-                     dot_mode, feature, first_column, head_ptr, load_tile, mm, policy_key, reduce_copies,
-                     reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
+from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer, autotune_configs, block,
+                     column0, contiguous_strides, dot_mode, feature, first_column, head_ptr, load_tile, mm,
+                     policy_key, reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -199,12 +199,11 @@ class _StatePass:
         bh = bsz * heads
         has_w = key_weights is not None
         splits = reduce_splits(bh, n, k.device)
-        self.copies = reduce_copies(splits)
-        self.shape = (self.copies, bh, state_size(d, dv))
-        self.zeroed = splits > 1
+        self.buffer = ReduceBuffer(bh, state_size(d, dv), splits)
         self.call = KernelCall(_state_kernel, split_grid(bh, n, splits), (
             *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
-            heads, n, size_class(n), max(rope_width, 1), self.copies, bh * state_size(d, dv), scale / n, 1.0 / n), dict(
+            heads, n, size_class(n), max(rope_width, 1), self.buffer.copies, bh * state_size(d, dv), scale / n,
+            1.0 / n), dict(
             D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
             ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), ATOMIC=splits > 1,
             DOT_MODE=mode))
@@ -218,9 +217,9 @@ class _OutputPass:
         bsz, heads, n, d = q.shape
         dv = v.shape[-1]
         self.shape = (bsz, heads, n, dv)
-        out_strides = (heads * n * dv, n * dv, dv, 1)      # of the contiguous output
         self.call = KernelCall(_output_kernel, token_grid(bsz * heads, n, q.device), (
-            *q.stride(), *out_strides, heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
+            *q.stride(), *contiguous_strides(self.shape),          # the output is contiguous
+            heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
             D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
             NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
 
@@ -236,9 +235,9 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
            policy_key())
     plan = _STATE_PASSES.get(key) or _STATE_PASSES.put(key, _StatePass(
         k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode))
-    buf = (torch.zeros if plan.zeroed else torch.empty)(plan.shape, device=k.device, dtype=torch.float32)
+    buf = plan.buffer.allocate(k.device)
     plan.call(k, v, key_weights if key_weights is not None else k, rope_angle if rope_angle is not None else k, buf)
-    return buf[0] if plan.copies == 1 else buf.sum(0)
+    return plan.buffer.total(buf)
 
 
 def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
