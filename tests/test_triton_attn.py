@@ -337,6 +337,75 @@ def test_direct_launch_repeated_and_misaligned_calls():
         _close("out", out, linear_attention_torch(q, k, v, normalization="division"), TOL[torch.bfloat16])
 
 
+def test_dependent_launch_policy(monkeypatch):
+    """Second passes get the ``launch_pdl`` option and the PDL constexpr only on CUDA devices of sm_90+ with
+    a Triton that has it; first passes get only the constexpr; never under the interpreter or on CPU."""
+    from linvision.attn.ops import common
+    if common.INTERPRETING:
+        assert not common.DEPENDENT_LAUNCH
+    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", True)
+    assert common.dependent_consts(torch.device("cpu"), second_pass=True) == {"PDL": False}
+    if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:
+        dev = torch.device("cuda")
+        assert common.dependent_consts(dev, second_pass=True) == {"PDL": True, "launch_pdl": True}
+        assert common.dependent_consts(dev, second_pass=False) == {"PDL": True}
+    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", False)
+    assert common.dependent_consts(torch.device("cuda"), second_pass=True) == {"PDL": False}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dependent", [True, False], ids=["pdl", "serial"])
+def test_dependent_launch_reads_this_calls_state(dependent, monkeypatch):
+    """With the second passes launched as programmatic dependents, they start before the first pass ends:
+    a missing wait would read the previous call's state (same shapes, so likely the same memory). New k, v
+    on every call, eager and replayed from a CUDA graph, must each equal the reference. (v stays zero-mean:
+    with |mean v| ≫ its spread the magnitude-aware output is a small difference of large bf16 terms.)"""
+    from linvision.attn.ops import common
+    if dependent and not common.dependent_launch(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch here (needs sm_90+ and Triton >= 3.4)")
+    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
+    b, h, n, d = 2, 4, 3137, 64
+    opts = dict(normalization="magnitude_aware", feature_map="elu1", scale=d ** -0.5)
+    q, k, v, g = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def step():
+        out = linear_attention(*leaves, backend="triton", **opts)
+        return (out,) + torch.autograd.grad(out, leaves, g)
+
+    def check(results):
+        ref_in = [t.detach().clone().requires_grad_() for t in leaves]
+        ref = linear_attention_torch(*ref_in, **opts)
+        expected = (ref,) + torch.autograd.grad(ref, ref_in, g)
+        for name, a, r in zip(("out", "dq", "dk", "dv"), results, expected):
+            _close(name, a, r, TOL[torch.bfloat16])
+
+    for i in range(3):
+        with torch.no_grad():
+            leaves[1].copy_(torch.randn_like(k) * (1 + i))
+            leaves[2].copy_(torch.randn_like(v) * (1 + i))
+        check(step())
+    if dependent and common.DIRECT_LAUNCH:
+        from linvision.attn.ops.linear_attn_bwd import _bwd_kv_kernel
+        from linvision.attn.ops.linear_attn_fwd import _output_kernel
+        kept = [entry[0] for key, entry in common._COMPILED.items() if key[1] in (_output_kernel, _bwd_kv_kernel)]
+        assert kept and all(c.metadata.launch_pdl for c in kept)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for i in range(2):
+        with torch.no_grad():
+            leaves[1].copy_(torch.randn_like(k) + 0.5 * i)
+            leaves[2].copy_(torch.randn_like(v) * (2 + i))
+        graph.replay()
+        check(captured)
+
+
 @pytest.mark.cuda
 def test_autotuned_configs_match_reference():
     """The suite runs one config per kernel (LINVISION_TRITON_AUTOTUNE=0, set above, read at import);

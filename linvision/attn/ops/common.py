@@ -182,6 +182,48 @@ def _direct_launch_available() -> bool:
 DIRECT_LAUNCH = _direct_launch_available()
 
 
+def _dependent_launch_available() -> bool:
+    """Whether this Triton can launch a kernel as a programmatic dependent of the previous one (the
+    ``launch_pdl`` compile option and ``gdc_wait``/``gdc_launch_dependents``, Triton >= 3.4), not the
+    interpreter, and ``LINVISION_TRITON_PDL`` is not 0."""
+    if INTERPRETING or os.environ.get("LINVISION_TRITON_PDL", "1") == "0":
+        return False
+    try:
+        import triton.language.extra.cuda as cuda_extra
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return ("launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {}) and hasattr(cuda_extra, "gdc_wait")
+            and hasattr(cuda_extra, "gdc_launch_dependents"))
+
+
+# Second passes (output, k/v-side backward) are launched as programmatic dependents of the first
+# (Hopper and newer): their programs start, and load their first token tile, while the first pass's
+# last programs still add their partial states; ``wait_for_previous_pass`` then holds them until the
+# first pass's writes are visible. Tests may turn it off.
+DEPENDENT_LAUNCH = _dependent_launch_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Whether second passes on ``device`` are launched as programmatic dependents (sm_90+, see above)."""
+    if not DEPENDENT_LAUNCH or device.type != "cuda":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def dependent_consts(device: torch.device, second_pass: bool) -> dict:
+    """The ``PDL`` constexpr of a pass (first pass: let the second start early; second pass: wait for the
+    first), plus the ``launch_pdl`` compile option for a second pass."""
+    if not dependent_launch(device):
+        return {"PDL": False}
+    return {"PDL": True, "launch_pdl": True} if second_pass else {"PDL": True}
+
+
 def _specialisation(args: tuple) -> tuple:
     """What a launch is compiled for, as far as our argument kinds go: each tensor's dtype and 16-byte
     alignment (Triton specialises pointers on it), ints by value (Triton specialises on == 1 and
@@ -271,7 +313,8 @@ def tensor_key(*tensors) -> tuple:
 
 def policy_key() -> tuple:
     """The launch-policy settings a pass's grid and buffers depend on (tests and sweeps change them)."""
-    return FORCE_SPLITS, REDUCE_PROGRAMS_PER_SM, REDUCE_MIN_TOKENS, REDUCE_SPLITS_PER_COPY, TOKEN_PROGRAMS_PER_SM
+    return (FORCE_SPLITS, REDUCE_PROGRAMS_PER_SM, REDUCE_MIN_TOKENS, REDUCE_SPLITS_PER_COPY, TOKEN_PROGRAMS_PER_SM,
+            DEPENDENT_LAUNCH)
 
 
 class KernelCall:
@@ -313,6 +356,31 @@ def block(dim: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # In-kernel helpers
 # ---------------------------------------------------------------------------------------------
+
+if DEPENDENT_LAUNCH:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    @triton.jit
+    def start_next_pass(PDL: tl.constexpr):
+        """Let the next kernel (a second pass launched as a programmatic dependent) start its programs
+        once every program of this one has begun: they fill SMs as this pass's programs finish."""
+        if PDL:
+            gdc_launch_dependents()
+
+    @triton.jit
+    def wait_for_previous_pass(PDL: tl.constexpr):
+        """Block until the previous kernel has finished and its writes are visible (no-op unless ``PDL``)."""
+        if PDL:
+            gdc_wait()
+else:
+    @triton.jit
+    def start_next_pass(PDL: tl.constexpr):
+        pass
+
+    @triton.jit
+    def wait_for_previous_pass(PDL: tl.constexpr):
+        pass
+
 
 @triton.jit
 def mm(a, b, DOT_MODE: tl.constexpr):

@@ -26,9 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
-                     autotune_configs, block, column0, contiguous_strides, dot_mode, feature, feature_grad, head_ptr,
-                     load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid, tensor_key, tile_range,
-                     token_grid)
+                     autotune_configs, block, column0, contiguous_strides, dependent_consts, dot_mode, feature,
+                     feature_grad, head_ptr, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
+                     start_next_pass, tensor_key, tile_range, token_grid, wait_for_previous_pass)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -45,7 +45,9 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
                   H, N, SIZE_CLASS, W, COPIES, copy_stride, scale, eps,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, PDL: tl.constexpr, BN: tl.constexpr,
+                  STRIDED: tl.constexpr):
+    start_next_pass(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
@@ -151,7 +153,7 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
                    H, N, SIZE_CLASS, W, state_scale, inv_n,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
-                   DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
+                   DOT_MODE: tl.constexpr, PDL: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
     v_base = head_ptr(v_ptr, pid_bh, H, svb, svh)
@@ -172,6 +174,9 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     if HAS_W:
         wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
 
+    # k, v, w were written before the q-side pass began; the state gradient only by it (see the forward's
+    # output kernel).
+    wait_for_previous_pass(PDL)
     d_base = dstate_ptr + pid_bh * (D * DV + D + DV)
     dstate = load_tile(d_base, cols, vcols, DV, 1, cmask, vmask)
     if DOT_MODE == 2:
@@ -257,7 +262,8 @@ class _QSidePass:
             heads, n, size_class(n), max(rope_width, 1), self.buffer.copies, bh * state_size(d, dv_dim), scale,
             eps), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
-            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=splits > 1, DOT_MODE=mode))
+            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, ATOMIC=splits > 1, DOT_MODE=mode,
+            **dependent_consts(q.device, second_pass=False)))
 
 
 class _KVSidePass:
@@ -274,7 +280,8 @@ class _KVSidePass:
             *(contiguous_strides(key_weights.shape) if has_w else (0, 0, 0)),
             heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
-            ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode))
+            ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode,
+            **dependent_consts(k.device, second_pass=True)))
 
 
 _Q_SIDE_PASSES = PlanCache()

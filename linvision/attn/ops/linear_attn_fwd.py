@@ -31,8 +31,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer, autotune_configs, block,
-                     column0, contiguous_strides, dot_mode, feature, first_column, head_ptr, load_tile, mm,
-                     policy_key, reduce_splits, rope, size_class, split_grid, tensor_key, tile_range, token_grid)
+                     column0, contiguous_strides, dependent_consts, dot_mode, feature, first_column, head_ptr,
+                     load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid, start_next_pass,
+                     tensor_key, tile_range, token_grid, wait_for_previous_pass)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -46,7 +47,9 @@ def _state_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, state_ptr,
                   H, N, SIZE_CLASS, W, COPIES, copy_stride, state_scale, inv_n,
                   D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                   FEATURE: tl.constexpr, HAS_W: tl.constexpr, ROPE: tl.constexpr, NEED_VMEAN: tl.constexpr,
-                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
+                  ATOMIC: tl.constexpr, DOT_MODE: tl.constexpr, PDL: tl.constexpr, BN: tl.constexpr,
+                  STRIDED: tl.constexpr):
+    start_next_pass(PDL)
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
     k_base = head_ptr(k_ptr, pid_bh, H, skb, skh)
@@ -121,7 +124,7 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
                    H, N, SIZE_CLASS, W, scale, eps,
                    D: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    FEATURE: tl.constexpr, NORM: tl.constexpr, ROPE: tl.constexpr,
-                   DOT_MODE: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
+                   DOT_MODE: tl.constexpr, PDL: tl.constexpr, BN: tl.constexpr, STRIDED: tl.constexpr):
     pid_bh = tl.program_id(0).to(tl.int64)
     q_base = head_ptr(q_ptr, pid_bh, H, sqb, sqh)
     o_base = head_ptr(o_ptr, pid_bh, H, sob, soh)
@@ -135,6 +138,9 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     rows64 = rows.to(tl.int64)
     qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
 
+    # q was written before the state pass began; the state only by it (launched as a dependent, this
+    # program may start while the state pass finishes).
+    wait_for_previous_pass(PDL)
     s_base = state_ptr + pid_bh * (D * DV + D + DV)
     state = load_tile(s_base, cols, vcols, DV, 1, cmask, vmask)
     if DOT_MODE == 2:
@@ -206,7 +212,7 @@ class _StatePass:
             1.0 / n), dict(
             D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
             ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), ATOMIC=splits > 1,
-            DOT_MODE=mode))
+            DOT_MODE=mode, **dependent_consts(k.device, second_pass=False)))
 
 
 class _OutputPass:
@@ -221,7 +227,8 @@ class _OutputPass:
             *q.stride(), *contiguous_strides(self.shape),          # the output is contiguous
             heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
             D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
-            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode))
+            NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode,
+            **dependent_consts(q.device, second_pass=True)))
 
 
 _STATE_PASSES = PlanCache()
