@@ -363,7 +363,9 @@ def _backward_kv_torch(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope
 def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], dstate: Tensor,
                 rope_width: int, normalization: str, feature_map: str, scale: float,
                 mode: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient."""
+    """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient. Launched as a programmatic
+    dependent on sm_90+ (reads k, v, w before the previous kernel has finished): call it right after
+    :func:`backward_q`."""
     key = (tensor_key(k, v, key_weights, rope_angle, dstate), rope_width, normalization, feature_map, scale, mode,
            policy_key())
     plan = _KV_SIDE_PASSES.get(key) or _KV_SIDE_PASSES.put(key, _KVSidePass(

@@ -249,7 +249,9 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
 
 def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
                    normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tensor:
-    """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state."""
+    """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state. On sm_90+ it is launched as a
+    programmatic dependent and reads q before the previous kernel has finished: call it right after
+    :func:`forward_state` (q must not be written by the kernel just before it)."""
     key = (tensor_key(q, v, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
            policy_key())
     plan = _OUTPUT_PASSES.get(key) or _OUTPUT_PASSES.put(key, _OutputPass(
