@@ -386,10 +386,12 @@ def test_dependent_launch_reads_this_calls_state(dependent, monkeypatch):
             leaves[2].copy_(torch.randn_like(v) * (1 + i))
         check(step())
     if dependent and common.DIRECT_LAUNCH:
-        from linvision.attn.ops.linear_attn_bwd import _bwd_kv_kernel
-        from linvision.attn.ops.linear_attn_fwd import _output_kernel
-        kept = [entry[0] for key, entry in common._COMPILED.items() if key[1] in (_output_kernel, _bwd_kv_kernel)]
-        assert kept and all(c.metadata.launch_pdl for c in kept)
+        # The second passes' plans ask for launch_pdl, and the kernels they keep were compiled with it.
+        from linvision.attn.ops.linear_attn_bwd import _KV_SIDE_PASSES
+        from linvision.attn.ops.linear_attn_fwd import _OUTPUT_PASSES
+        calls = [plan.call for plan in (*_OUTPUT_PASSES.values(), *_KV_SIDE_PASSES.values())
+                 if plan.call.consts.get("launch_pdl") and plan.call.direct is not None]
+        assert calls and all(call.direct.compiled.metadata.launch_pdl for call in calls)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -70,14 +70,19 @@ def autotune_configs(kind: str) -> List[triton.Config]:
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _properties(device_index: int):
+    return torch.cuda.get_device_properties(device_index)
+
+
+def cuda_properties(device: torch.device):
+    """``torch.cuda.get_device_properties`` of a CUDA ``device`` (the current one if it has no index), cached."""
+    return _properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1            # interpreter: fewest programs is fastest
-    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    return cuda_properties(device).multi_processor_count
 
 
 def cdiv(a: int, b: int) -> int:
@@ -204,16 +209,11 @@ def _dependent_launch_available() -> bool:
 DEPENDENT_LAUNCH = _dependent_launch_available()
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def dependent_launch(device: torch.device) -> bool:
     """Whether second passes on ``device`` are launched as programmatic dependents (sm_90+, see above)."""
     if not DEPENDENT_LAUNCH or device.type != "cuda":
         return False
-    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return cuda_properties(device).major >= 9
 
 
 def dependent_consts(device: torch.device, second_pass: bool) -> dict:
