@@ -155,7 +155,9 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
         nrows64 = nrows.to(tl.int64)
         qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
 
-        qf = tl.where(rmask[:, None] & cmask[None, :], feature(qx.to(tl.float32), FEATURE), 0.0)
+        # φ(0) ≠ 0 on padded rows and columns needs no mask here: k̄ and the state are zero on padded columns,
+        # and padded rows are not stored.
+        qf = feature(qx.to(tl.float32), FEATURE)
         z = tl.sum(qf * kbar[None, :], axis=1)
         if ROPE:
             qf = rope(qf, rows, angle_ptr, W, D, BD, BN, False)
