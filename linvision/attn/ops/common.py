@@ -427,6 +427,13 @@ def head_ptr(ptr, pid_bh, H, stride_b, stride_h):
 
 
 @triton.jit
+def tile_ptrs(base, rows, cols, stride_row, stride_col):
+    """``(rows, cols)`` pointers into one head (int64 row offsets: they can pass 2³¹); loops advance them by a
+    scalar row step rather than forming them again per tile."""
+    return base + rows.to(tl.int64)[:, None] * stride_row + cols[None, :] * stride_col
+
+
+@triton.jit
 def load_tile(base, rows, cols, stride_row, stride_col, rmask, cmask):
     """Masked 2-D tile ``base[rows, cols]``, zeros outside ``rmask × cmask`` (token rows come as int64: their
     offsets can pass 2³¹)."""

@@ -28,7 +28,7 @@ from torch import Tensor
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
                      autotune_configs, block, column0, contiguous_strides, dependent_consts, dot_mode, feature,
                      feature_grad, head_ptr, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
-                     start_next_pass, tensor_key, tile_range, token_grid, wait_for_previous_pass)
+                     start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid, wait_for_previous_pass)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -74,21 +74,26 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
 
     count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
-    rows64 = rows.to(tl.int64)
-    qx = load_tile(q_base, rows64, cols, sqn, sqd, rmask, cmask)
-    # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there.
-    gx = load_tile(g_base, rows64, vcols, sgn, sgd, rmask, vmask)
+    q_ptrs = tile_ptrs(q_base, rows, cols, sqn, sqd)
+    g_ptrs = tile_ptrs(g_base, rows, vcols, sgn, sgd)
+    dq_ptrs = tile_ptrs(dq_base, rows, cols, sdn, sdd)
+    step = row_step.to(tl.int64)
+    qx = tl.load(q_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there (so φ(q) needs no mask: on
+    # padded columns k̄ and the state are zero, and what lands in padded rows/columns is not stored).
+    gx = tl.load(g_ptrs, mask=rmask[:, None] & vmask[None, :], other=0.0)
     for _ in range(0, count):
         nrows = rows + row_step
         nmask = nrows < row_end
-        nrows64 = nrows.to(tl.int64)
-        qx_next = load_tile(q_base, nrows64, cols, sqn, sqd, nmask, cmask)
-        gx_next = load_tile(g_base, nrows64, vcols, sgn, sgd, nmask, vmask)
+        q_ptrs += step * sqn
+        g_ptrs += step * sgn
+        qx_next = tl.load(q_ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0)
+        gx_next = tl.load(g_ptrs, mask=nmask[:, None] & vmask[None, :], other=0.0)
 
         qmask = rmask[:, None] & cmask[None, :]
         q32 = qx.to(tl.float32)
         g = gx.to(tl.float32)
-        qf = tl.where(qmask, feature(q32, FEATURE), 0.0)
+        qf = feature(q32, FEATURE)
         qr = qf
         if ROPE:
             qr = rope(qf, rows, angle_ptr, W, D, BD, BN, False)
@@ -121,11 +126,11 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
             dqf += dz[:, None] * kbar[None, :]
             dk_acc += mm(tl.trans(qf), tl.where(col16, dz[:, None], 0.0), DOT_MODE)
         dq = dqf * feature_grad(q32, FEATURE)
-        tl.store(dq_base + rows64[:, None] * sdn + cols[None, :] * sdd, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+        tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
+        dq_ptrs += step * sdn
 
         rows = nrows
         rmask = nmask
-        rows64 = nrows64
         qx = qx_next
         gx = gx_next
 
@@ -168,11 +173,17 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     vmask = vcols < DV
     count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
-    rows64 = rows.to(tl.int64)
-    kx = load_tile(k_base, rows64, cols, skn, skd, rmask, cmask)
-    vx = load_tile(v_base, rows64, vcols, svn, svd, rmask, vmask)
+    k_ptrs = tile_ptrs(k_base, rows, cols, skn, skd)
+    v_ptrs = tile_ptrs(v_base, rows, vcols, svn, svd)
+    w_ptrs = w_base + rows.to(tl.int64) * swn
+    dk_ptrs = tile_ptrs(dk_base, rows, cols, sdkn, sdkd)
+    dv_ptrs = tile_ptrs(dv_base, rows, vcols, sdvn, sdvd)
+    dw_ptrs = dw_base + rows.to(tl.int64) * sdwn
+    step = row_step.to(tl.int64)
+    kx = tl.load(k_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    vx = tl.load(v_ptrs, mask=rmask[:, None] & vmask[None, :], other=0.0)
     if HAS_W:
-        wx = tl.load(w_base + rows64 * swn, mask=rmask, other=0.0)
+        wx = tl.load(w_ptrs, mask=rmask, other=0.0)
 
     # k, v, w were written before the q-side pass began; the state gradient only by it (see the forward's
     # output kernel).
@@ -188,15 +199,18 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     for _ in range(0, count):
         nrows = rows + row_step
         nmask = nrows < row_end
-        nrows64 = nrows.to(tl.int64)
-        kx_next = load_tile(k_base, nrows64, cols, skn, skd, nmask, cmask)
-        vx_next = load_tile(v_base, nrows64, vcols, svn, svd, nmask, vmask)
+        k_ptrs += step * skn
+        v_ptrs += step * svn
+        kx_next = tl.load(k_ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0)
+        vx_next = tl.load(v_ptrs, mask=nmask[:, None] & vmask[None, :], other=0.0)
         if HAS_W:
-            wx_next = tl.load(w_base + nrows64 * swn, mask=nmask, other=0.0)
+            w_ptrs += step * swn
+            wx_next = tl.load(w_ptrs, mask=nmask, other=0.0)
 
         kmask = rmask[:, None] & cmask[None, :]
         k32 = kx.to(tl.float32)
-        kf = tl.where(kmask, feature(k32, FEATURE), 0.0)
+        # Unmasked φ(k): the state gradient is zero on padded columns (so is dk̄), padded rows are not stored.
+        kf = feature(k32, FEATURE)
         kw = kf
         if HAS_W:
             w32 = wx.to(tl.float32)
@@ -211,17 +225,18 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
             dkw = rope(dkw, rows, angle_ptr, W, D, BD, BN, True)
         dkw += dkbar[None, :]
         if HAS_W:
-            dwx = tl.sum(tl.where(kmask, kf * dkw, 0.0), axis=1)
-            tl.store(dw_base + rows64 * sdwn, dwx.to(dw_ptr.dtype.element_ty), mask=rmask)
+            dwx = tl.sum(kf * dkw, axis=1)
+            tl.store(dw_ptrs, dwx.to(dw_ptr.dtype.element_ty), mask=rmask)
+            dw_ptrs += step * sdwn
             dkw = dkw * w32[:, None]
         dk = dkw * feature_grad(k32, FEATURE)
-        tl.store(dk_base + rows64[:, None] * sdkn + cols[None, :] * sdkd, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        tl.store(dv_base + rows64[:, None] * sdvn + vcols[None, :] * sdvd, dvx.to(dv_ptr.dtype.element_ty),
-                 mask=rmask[:, None] & vmask[None, :])
+        tl.store(dk_ptrs, dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptrs, dvx.to(dv_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
+        dk_ptrs += step * sdkn
+        dv_ptrs += step * sdvn
 
         rows = nrows
         rmask = nmask
-        rows64 = nrows64
         kx = kx_next
         vx = vx_next
         if HAS_W:
