@@ -435,9 +435,8 @@ def tile_ptrs(base, rows, cols, stride_row, stride_col):
 
 @triton.jit
 def load_tile(base, rows, cols, stride_row, stride_col, rmask, cmask):
-    """Masked 2-D tile ``base[rows, cols]``, zeros outside ``rmask × cmask`` (token rows come as int64: their
-    offsets can pass 2³¹)."""
-    return tl.load(base + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=rmask[:, None] & cmask[None, :],
+    """Masked 2-D tile ``base[rows, cols]`` (addressed as :func:`tile_ptrs`), zeros outside ``rmask × cmask``."""
+    return tl.load(tile_ptrs(base, rows, cols, stride_row, stride_col), mask=rmask[:, None] & cmask[None, :],
                    other=0.0)
 
 
