@@ -434,10 +434,16 @@ def tile_ptrs(base, rows, cols, stride_row, stride_col):
 
 
 @triton.jit
+def load_at(ptrs, rmask, cmask):
+    """Masked 2-D tile at pointers formed by :func:`tile_ptrs` (and advanced by a loop), zeros outside
+    ``rmask × cmask``."""
+    return tl.load(ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
 def load_tile(base, rows, cols, stride_row, stride_col, rmask, cmask):
     """Masked 2-D tile ``base[rows, cols]`` (addressed as :func:`tile_ptrs`), zeros outside ``rmask × cmask``."""
-    return tl.load(tile_ptrs(base, rows, cols, stride_row, stride_col), mask=rmask[:, None] & cmask[None, :],
-                   other=0.0)
+    return load_at(tile_ptrs(base, rows, cols, stride_row, stride_col), rmask, cmask)
 
 
 @triton.jit

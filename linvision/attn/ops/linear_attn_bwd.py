@@ -27,8 +27,9 @@ from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
                      autotune_configs, block, column0, contiguous_strides, dependent_consts, dot_mode, feature,
-                     feature_grad, head_ptr, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
-                     start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid, wait_for_previous_pass)
+                     feature_grad, head_ptr, load_at, load_tile, mm, policy_key, reduce_splits, rope, size_class,
+                     split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
+                     wait_for_previous_pass)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
 from .linear_attn_fwd import state_size
@@ -78,17 +79,17 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     g_ptrs = tile_ptrs(g_base, rows, vcols, sgn, sgd)
     dq_ptrs = tile_ptrs(dq_base, rows, cols, sdn, sdd)
     step = row_step.to(tl.int64)
-    qx = tl.load(q_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    qx = load_at(q_ptrs, rmask, cmask)
     # g = 0 on masked rows/columns makes dn, dz and every partial sum vanish there (so φ(q) needs no mask: on
     # padded columns k̄ and the state are zero, and what lands in padded rows/columns is not stored).
-    gx = tl.load(g_ptrs, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    gx = load_at(g_ptrs, rmask, vmask)
     for _ in range(0, count):
         nrows = rows + row_step
         nmask = nrows < row_end
         q_ptrs += step * sqn
         g_ptrs += step * sgn
-        qx_next = tl.load(q_ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0)
-        gx_next = tl.load(g_ptrs, mask=nmask[:, None] & vmask[None, :], other=0.0)
+        qx_next = load_at(q_ptrs, nmask, cmask)
+        gx_next = load_at(g_ptrs, nmask, vmask)
 
         qmask = rmask[:, None] & cmask[None, :]
         q32 = qx.to(tl.float32)
@@ -180,8 +181,8 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
     dv_ptrs = tile_ptrs(dv_base, rows, vcols, sdvn, sdvd)
     dw_ptrs = dw_base + rows.to(tl.int64) * sdwn
     step = row_step.to(tl.int64)
-    kx = tl.load(k_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
-    vx = tl.load(v_ptrs, mask=rmask[:, None] & vmask[None, :], other=0.0)
+    kx = load_at(k_ptrs, rmask, cmask)
+    vx = load_at(v_ptrs, rmask, vmask)
     if HAS_W:
         wx = tl.load(w_ptrs, mask=rmask, other=0.0)
 
@@ -201,8 +202,8 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
         nmask = nrows < row_end
         k_ptrs += step * skn
         v_ptrs += step * svn
-        kx_next = tl.load(k_ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0)
-        vx_next = tl.load(v_ptrs, mask=nmask[:, None] & vmask[None, :], other=0.0)
+        kx_next = load_at(k_ptrs, nmask, cmask)
+        vx_next = load_at(v_ptrs, nmask, vmask)
         if HAS_W:
             w_ptrs += step * swn
             wx_next = tl.load(w_ptrs, mask=nmask, other=0.0)

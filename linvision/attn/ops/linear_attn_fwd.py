@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer, autotune_configs, block,
                      column0, contiguous_strides, dependent_consts, dot_mode, feature, first_column, head_ptr,
-                     load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
+                     load_at, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
                      start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid, wait_for_previous_pass)
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
@@ -139,9 +139,8 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     # ~20 more integer instructions per tile).
     q_ptrs = tile_ptrs(q_base, rows, cols, sqn, sqd)
     o_ptrs = tile_ptrs(o_base, rows, vcols, son, sod)
-    q_step = row_step.to(tl.int64) * sqn
-    o_step = row_step.to(tl.int64) * son
-    qx = tl.load(q_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+    step = row_step.to(tl.int64)
+    qx = load_at(q_ptrs, rmask, cmask)
 
     # q was written before the state pass began; the state only by it (launched as a dependent, this
     # program may start while the state pass finishes).
@@ -157,8 +156,8 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
     for _ in range(0, count):
         nrows = rows + row_step
         nmask = nrows < row_end
-        q_ptrs += q_step
-        qx_next = tl.load(q_ptrs, mask=nmask[:, None] & cmask[None, :], other=0.0)
+        q_ptrs += step * sqn
+        qx_next = load_at(q_ptrs, nmask, cmask)
 
         # φ(0) ≠ 0 on padded rows and columns needs no mask here: k̄ and the state are zero on padded columns,
         # and padded rows are not stored.
@@ -176,7 +175,7 @@ def _output_kernel(q_ptr, state_ptr, o_ptr, angle_ptr,
         else:
             out = num
         tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & vmask[None, :])
-        o_ptrs += o_step
+        o_ptrs += step * son
 
         rows = nrows
         rmask = nmask
