@@ -442,6 +442,49 @@ def test_launch_specialisation_key():
         assert not common.DIRECT_LAUNCH
 
 
+def test_tune_after_times_each_config_after_its_preceding_pass():
+    """Second passes are tuned together with the pass they depend on (common.tune_after): every config is
+    timed as ``preceding_pass(); kernel``, configs that cannot be built are skipped, the fastest is kept; a
+    kernel whose autotuner resets buffers is refused (tune_after does not reset them)."""
+    import triton
+    from linvision.attn.ops import common
+    events = []
+
+    class FakeJit:
+        __name__ = "fake_kernel"
+
+        def __getitem__(self, grid):
+            assert grid == "grid"
+            return lambda *args, **kwargs: events.append(("kernel", args, kwargs["BN"], kwargs["X"]))
+
+    class FakeAutotuned:
+        configs = [triton.Config({"BN": bn}, num_warps=4) for bn in (64, 128, 256)]
+        fn = FakeJit()
+        reset_to_zero = []
+
+    seconds = {64: 3.0, 128: 1.0, 256: 0.5}
+
+    def bench(both):
+        events.clear()
+        both()
+        assert events[0] == ("pass",) and events[1][:2] == ("kernel", ("t",)) and events[1][3] == 7
+        if events[1][2] == 256:
+            raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+        return seconds[events[1][2]]
+
+    def preceding_pass():
+        events.append(("pass",))
+    best = common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+    assert best.kwargs == {"BN": 128}
+
+    FakeAutotuned.configs = FakeAutotuned.configs[2:]
+    with pytest.raises(RuntimeError, match="no config of fake_kernel"):
+        common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+    FakeAutotuned.reset_to_zero = ["state_ptr"]
+    with pytest.raises(ValueError, match="reset_to_zero"):
+        common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+
+
 def test_benchmark_value_check():
     """tools/benchmark_attn.value_check passes the Triton path and flags a wrong one (fp32, tiny shape)."""
     import importlib.util

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from linvision.attn.core import linear_attention, linear_attention_torch
+from linvision.attn.ops.common import capture_graph, time_clean
 from linvision.attn.rope import RopeGrid, rope_angle
 from linvision.checkpoint import atomic_write
 
@@ -55,14 +56,8 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * n * 2 / (t * 1e-6)
 
 
-_FLUSH: Dict[str, torch.Tensor] = {}
-
-
 def bench_clean(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     """Median time of ``fn`` in µs with L2 evicted before each call by reading 256 MB (no dirty lines)."""
-    if "buf" not in _FLUSH:
-        _FLUSH["buf"] = torch.ones(64 << 20, dtype=torch.int32, device="cuda")
-    flush = _FLUSH["buf"]
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -72,29 +67,13 @@ def bench_clean(fn: Callable[[], object], rep_ms: float = 100.0) -> float:
     end.record()
     torch.cuda.synchronize()
     reps = max(10, min(1000, int(rep_ms / max(start.elapsed_time(end) / 5, 1e-3))))
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for s_ev, e_ev in events:
-        flush.max()
-        s_ev.record()
-        fn()
-        e_ev.record()
-    torch.cuda.synchronize()
-    return float(torch.tensor([s_ev.elapsed_time(e_ev) for s_ev, e_ev in events]).median()) * 1e3
+    return time_clean(fn, reps) * 1e3
 
 
 def capture(fn: Callable[[], object]) -> Optional[Callable[[], None]]:
     """Capture one call of ``fn`` in a CUDA graph; returns its ``replay`` (None if capture fails)."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
+        return capture_graph(fn, warmup=3).replay
     except Exception as exc:  # noqa: BLE001 - report, do not abort the sweep
         print(f"# graph capture failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return None

@@ -18,7 +18,7 @@ none ``dn = g``. The gradient buffer ``(B·H, d·dv + d + dv)`` mirrors the forw
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -257,9 +257,11 @@ def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_
         dk, dv, dw = _backward_kv_torch(k, v, key_weights, rope_angle, dstate, rope_width, normalization,
                                         feature_map, scale)
         return dq, dk, dv, dw
-    dq, dstate = backward_q(grad_out, q, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
+    def q_side_pass() -> Tuple[Tensor, Tensor]:
+        return backward_q(grad_out, q, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
+    dq, dstate = q_side_pass()
     dk, dv, dw = backward_kv(k, v, key_weights, rope_angle, dstate, rope_width, normalization, feature_map, scale,
-                             mode)
+                             mode, preceding_pass=q_side_pass)
     return dq, dk, dv, dw
 
 
@@ -377,11 +379,12 @@ def _backward_kv_torch(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope
 
 
 def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], dstate: Tensor,
-                rope_width: int, normalization: str, feature_map: str, scale: float,
-                mode: int) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                rope_width: int, normalization: str, feature_map: str, scale: float, mode: int,
+                preceding_pass: Optional[Callable[[], object]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient. Launched as a programmatic
     dependent on sm_90+ (reads k, v, w before the previous kernel has finished): call it right after
-    :func:`backward_q`."""
+    :func:`backward_q`. ``preceding_pass`` (that call, on buffers of its own) lets its config be tuned together
+    with it (``common.tune_after``)."""
     key = (tensor_key(k, v, key_weights, rope_angle, dstate), rope_width, normalization, feature_map, scale, mode,
            policy_key())
     plan = _KV_SIDE_PASSES.get(key) or _KV_SIDE_PASSES.put(key, _KVSidePass(
@@ -390,5 +393,5 @@ def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle:
     dv = torch.empty(v.shape, device=k.device, dtype=v.dtype)
     dw = None if key_weights is None else torch.empty(key_weights.shape, device=k.device, dtype=key_weights.dtype)
     plan.call(k, v, key_weights if key_weights is not None else k, rope_angle if rope_angle is not None else k, dstate,
-              dk, dv, dw if dw is not None else dk)
+              dk, dv, dw if dw is not None else dk, preceding_pass=preceding_pass)
     return dk, dv, dw

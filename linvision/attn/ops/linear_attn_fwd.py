@@ -23,7 +23,7 @@ then ``k̄``, then ``v̄`` (written only for the forms that use it).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import triton
@@ -195,8 +195,12 @@ def linear_attention_fwd(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[
     ``rope_angle``: ``(d/2,)`` float32 contiguous on q's device, or None; ``rope_width``: grid width.
     """
     mode = dot_mode(q, k, v)
-    state = forward_state(k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode)
-    out = forward_output(q, v, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
+
+    def state_pass() -> Tensor:
+        return forward_state(k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode)
+    state = state_pass()
+    out = forward_output(q, v, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode,
+                         preceding_pass=state_pass)
     return out, state
 
 
@@ -253,14 +257,17 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
 
 
 def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
-                   normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tensor:
+                   normalization: str, feature_map: str, scale: float, eps: float, mode: int,
+                   preceding_pass: Optional[Callable[[], object]] = None) -> Tensor:
     """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state. On sm_90+ it is launched as a
     programmatic dependent and reads q before the previous kernel has finished: call it right after
-    :func:`forward_state` (q must not be written by the kernel just before it)."""
+    :func:`forward_state` (q must not be written by the kernel just before it). ``preceding_pass`` (that
+    :func:`forward_state` call, on buffers of its own) lets its config be tuned together with it
+    (``common.tune_after``)."""
     key = (tensor_key(q, v, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
            policy_key())
     plan = _OUTPUT_PASSES.get(key) or _OUTPUT_PASSES.put(key, _OutputPass(
         q, v, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
     out = torch.empty(plan.shape, device=q.device, dtype=v.dtype)
-    plan.call(q, state, out, rope_angle if rope_angle is not None else q)
+    plan.call(q, state, out, rope_angle if rope_angle is not None else q, preceding_pass=preceding_pass)
     return out
