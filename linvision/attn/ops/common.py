@@ -284,9 +284,9 @@ def capture_graph(fn: Callable[[], object], warmup: int = 1) -> "torch.cuda.CUDA
 
 
 def time_clean(fn: Callable[[], object], reps: int) -> float:
-    """Median time (ms, CUDA events) of ``reps`` calls of ``fn``, L2 evicted before each by reading 256 MB: a
-    read leaves no dirty lines for the timed call to write back, as ``do_bench``'s ``zero_()`` does (about
-    16 µs at 3 TB/s, a large share of these passes)."""
+    """Median time (ms, CUDA events; the lower middle one for even ``reps``, as ``torch.median``) of ``reps`` calls
+    of ``fn``, L2 evicted before each by reading 256 MB: a read leaves no dirty lines for the timed call to write
+    back, as ``do_bench``'s ``zero_()`` does (about 16 µs at 3 TB/s, a large share of these passes)."""
     flush = torch.empty(64 << 20, dtype=torch.int32, device=torch.cuda.current_device())
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
     for start, end in events:
@@ -296,7 +296,7 @@ def time_clean(fn: Callable[[], object], reps: int) -> float:
         end.record()
     torch.cuda.synchronize()
     times = sorted(start.elapsed_time(end) for start, end in events)
-    return times[len(times) // 2]
+    return times[(len(times) - 1) // 2]
 
 
 def replay_time(fn: Callable[[], object], reps: int = 25) -> float:
