@@ -79,12 +79,6 @@ def capture(fn: Callable[[], object]) -> Optional[Callable[[], None]]:
         return None
 
 
-def graph_bench(fn: Callable[[], object]) -> Optional[float]:
-    """``do_bench`` of a CUDA-graph replay of one call of ``fn`` (None if capture fails)."""
-    replay = capture(fn)
-    return None if replay is None else bench(replay)
-
-
 def copy_same_bytes(nbytes: int) -> Dict[str, float]:
     """A device-to-device copy that reads + writes ``nbytes`` in total, in both harnesses."""
     src = torch.randn(nbytes // 4, device="cuda", dtype=torch.bfloat16)
