@@ -544,6 +544,20 @@ def column0(x):
     """Column 0 of a ``(M, 16)`` accumulator, as an ``(M,)`` vector."""
     return tl.sum(tl.where(tl.arange(0, 16)[None, :] == 0, x, 0.0), axis=1)
 
+
+@triton.jit
+def in_first_row(x):
+    """``(16, BN)`` with the ``(BN,)`` vector x in row 0, zeros elsewhere: row 0 of ``in_first_row(γ) @ y`` is
+    ``Σ_i γ_i y_i``, the weighted row sum with y as the product's second operand, as computed (no transpose)."""
+    return tl.where(tl.arange(0, 16)[:, None] == 0, x[None, :], 0.0)
+
+
+@triton.jit
+def row0(x):
+    """Row 0 of a ``(16, M)`` accumulator, as an ``(M,)`` vector."""
+    return tl.sum(tl.where(tl.arange(0, 16)[:, None] == 0, x, 0.0), axis=0)
+
+
 @triton.jit
 def feature(x, FEATURE: tl.constexpr):
     if FEATURE == 1:

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
                      autotune_configs, block, column0, contiguous_strides, dependent_consts, dot_mode, feature,
-                     feature_grad, head_ptr, load_at, load_tile, mm, policy_key, reduce_splits, rope, size_class,
-                     split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
+                     feature_grad, head_ptr, in_first_row, load_at, load_tile, mm, policy_key, reduce_splits, rope,
+                     row0, size_class, split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
                      wait_for_previous_pass)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
@@ -68,10 +68,18 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
     if NORM == 1 or NORM == 2:
         vbar = tl.load(s_base + D * DV + D + vcols, mask=vmask, other=0.0)
 
-    col16 = tl.arange(0, 16)[None, :] == 0
     dstate = tl.zeros((BD, BDV), dtype=tl.float32)
-    dk_acc = tl.zeros((BD, 16), dtype=tl.float32)
-    dv_acc = tl.zeros((BDV, 16), dtype=tl.float32)
+    # Weighted row sums (dk̄ = c Σ dz φq, dv̄ = Σ γ g) on the tensor cores. With magnitude-aware and injective,
+    # the column form used elsewhere (xᵀ @ [γ, 0…]) got dk and dw wrong (6e-2 relative for magnitude-aware, 1.7
+    # for injective) or faulted on the H100 (triton 3.6, bf16, d = 64, q and g with a token stride of 1, or key
+    # weights): they take the row form ([γ, 0…]ᵀ @ x, no transposed operand). Division keeps the column form: in
+    # the row form its forward + backward took 10 % longer at (2048,3,196,32) (docs/kernels.md).
+    if NORM == 1 or NORM == 2:
+        dk_acc = tl.zeros((16, BD), dtype=tl.float32)
+        dv_acc = tl.zeros((16, BDV), dtype=tl.float32)
+    else:
+        col16 = tl.arange(0, 16)[None, :] == 0
+        dk_acc = tl.zeros((BD, 16), dtype=tl.float32)
 
     count, row_step, row_end, rows = tile_range(N, BN, STRIDED)
     rmask = rows < row_end
@@ -108,11 +116,11 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
             inv = 1.0 / (z + eps)
             dn = g * (1.0 + inv)[:, None]
             dz = -tl.sum(g * num, axis=1) * inv * inv - tl.sum(g * vbar[None, :], axis=1)
-            dv_acc += mm(tl.trans(g), tl.where(col16, -z[:, None], 0.0), DOT_MODE)
+            dv_acc += mm(in_first_row(-z), g, DOT_MODE)
         elif NORM == 2:
             dn = g
             dz = -tl.sum(g * vbar[None, :], axis=1)
-            dv_acc += mm(tl.trans(g), tl.where(col16, (1.0 - z)[:, None], 0.0), DOT_MODE)
+            dv_acc += mm(in_first_row(1.0 - z), g, DOT_MODE)
         else:
             dn = g
         dstate += mm(tl.trans(qr), dn, DOT_MODE)
@@ -125,7 +133,10 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
             dqf = rope(dqf, rows, angle_ptr, W, D, BD, BN, True)
         if NORM != 3:
             dqf += dz[:, None] * kbar[None, :]
-            dk_acc += mm(tl.trans(qf), tl.where(col16, dz[:, None], 0.0), DOT_MODE)
+            if NORM == 0:
+                dk_acc += mm(tl.trans(qf), tl.where(col16, dz[:, None], 0.0), DOT_MODE)
+            else:
+                dk_acc += mm(in_first_row(dz), qf, DOT_MODE)
         dq = dqf * feature_grad(q32, FEATURE)
         tl.store(dq_ptrs, dq.to(dq_ptr.dtype.element_ty), mask=qmask)
         dq_ptrs += step * sdn
@@ -137,17 +148,20 @@ def _bwd_q_kernel(q_ptr, g_ptr, state_ptr, angle_ptr, dq_ptr, dstate_ptr,
 
     d_base = dstate_ptr + (pid_s % COPIES).to(tl.int64) * copy_stride + pid_bh * (D * DV + D + DV)
     d_ptrs = d_base + cols[:, None] * DV + vcols[None, :]
-    dkbar = column0(dk_acc) * scale
+    if NORM == 1 or NORM == 2:
+        dkbar = row0(dk_acc) * scale
+    else:
+        dkbar = column0(dk_acc) * scale
     if ATOMIC:
         tl.atomic_add(d_ptrs, dstate, mask=smask, sem="relaxed")
         tl.atomic_add(d_base + D * DV + cols, dkbar, mask=cmask, sem="relaxed")
         if NORM == 1 or NORM == 2:
-            tl.atomic_add(d_base + D * DV + D + vcols, column0(dv_acc), mask=vmask, sem="relaxed")
+            tl.atomic_add(d_base + D * DV + D + vcols, row0(dv_acc), mask=vmask, sem="relaxed")
     else:
         tl.store(d_ptrs, dstate, mask=smask)
         tl.store(d_base + D * DV + cols, dkbar, mask=cmask)
         if NORM == 1 or NORM == 2:
-            tl.store(d_base + D * DV + D + vcols, column0(dv_acc), mask=vmask)
+            tl.store(d_base + D * DV + D + vcols, row0(dv_acc), mask=vmask)
 
 
 @triton.autotune(configs=autotune_configs("token"),
