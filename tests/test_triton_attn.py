@@ -180,6 +180,38 @@ def test_strided_views_small():
     _close("out", out, ref, 1e-4)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_and_grads_take_input_layouts(channels_last):
+    """q, k, v as (B, H, N, d) views of a conv's (B, 3C, H, W) output, as the models make them: the output and
+    every gradient come in their input's layout (torch.empty_like), so the reshape back to (B, C, H, W) is a view
+    of the output; values and gradients match the reference."""
+    from linvision.attn.ops.common import layout_like
+    b, heads, d, hh, ww = 2, 2, 16, 3, 5
+    c, n = heads * d, hh * ww
+    x = torch.randn(b, 3 * c, hh, ww, device=DEVICE)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.rand(b, n, heads, device=DEVICE) + 0.5).transpose(1, 2)          # (B, H, N), not contiguous
+    g = torch.randn(b, heads, n, d, device=DEVICE)
+    opts = dict(normalization="magnitude_aware", feature_map="elu1", scale=0.5)
+    results = []
+    for backend in ("triton", "torch"):
+        leaf, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
+        q, k, v = (t.reshape(b, heads, d, n).transpose(-1, -2) for t in leaf.chunk(3, dim=1))
+        out = linear_attention(q, k, v, key_weights=wl, backend=backend, **opts)
+        grads = torch.autograd.grad(out, (q, k, v, wl), g)
+        results.append((out, *grads))
+        if backend == "triton":
+            for name, t, like in zip(("out", "dq", "dk", "dv", "dw"), results[0], (v, q, k, v, wl)):
+                assert t.stride() == layout_like(like), f"{name}: strides {t.stride()}, want {layout_like(like)}"
+            back = out.transpose(-1, -2).reshape(b, c, hh, ww)
+            assert back.data_ptr() == out.data_ptr() and back._is_view(), "the reshape back to (B, C, H, W) copied"
+            fmt = torch.channels_last if channels_last else torch.contiguous_format
+            assert back.is_contiguous(memory_format=fmt)
+    for name, tri, ref in zip(("out", "dq", "dk", "dv", "dw"), *results):
+        _close(name, tri, ref, 1e-4)
+
+
 def test_torch_compile_no_graph_break():
     """Through the custom op, fullgraph tracing succeeds and gradients match (aot_eager: no C++ compiler)."""
     q, k, v, w, grid = _inputs(1, 2, 12, 16, 16, torch.float32, "elu1", True, True)
@@ -203,6 +235,14 @@ def test_custom_op_registration():
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), w.requires_grad_(), grid.angle.float(),
             grid.width, "division", "elu1", 1.0, 1e-6)
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # Views of one (B, N, 3, H, d) projection: the fake kernels must promise the layouts the kernels write.
+    qkv = torch.randn(1, 9, 3, 1, 16, device=DEVICE).permute(2, 0, 3, 1, 4)
+    strided = (*(t.requires_grad_() for t in qkv.clone().unbind(0)),) + args[3:]
+    torch.library.opcheck(_fwd_op, strided, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    from linvision.attn.ops.linear_attn import _fwd_fake
+    real = _fwd_op(*strided)[0].stride()
+    with torch._subclasses.FakeTensorMode() as mode:
+        assert _fwd_fake(*(mode.from_tensor(t) for t in strided[:5]), *strided[5:])[0].stride() == real
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +318,7 @@ def test_projection_layouts_gpu(layout, normalization, dtype):
     Before the magnitude-aware and injective row sums of the q-side backward became ``[γ, 0…]ᵀ @ x`` products
     (common.in_first_row), bf16 at d = 64 got dk and dw wrong here (6e-2 and 1.7 relative) or faulted (H100,
     triton 3.6); the suite's contiguous cases without key weights passed."""
+    from linvision.attn.ops.common import layout_like
     b, heads, d, side = 4, 4, 64, 56
     c, n = heads * d, side * side
     torch.manual_seed(0)
@@ -299,6 +340,8 @@ def test_projection_layouts_gpu(layout, normalization, dtype):
         out = linear_attention(q, k, v, key_weights=wl, normalization=normalization, feature_map="elu1",
                                scale=d ** -0.5, backend=backend)
         results.append((out, *torch.autograd.grad(out, (q, k, v, wl), g.to(dtype).to(out.dtype))))
+        if backend == "triton":
+            assert [t.stride() for t in results[0]] == [layout_like(t) for t in (v, q, k, v, wl)]
     for name, tri, ref in zip(("out", "dq", "dk", "dv", "dw"), *results):
         _close(name, tri, ref.to(tri.dtype), TOL[dtype])
 
@@ -470,7 +513,9 @@ def test_launch_specialisation_key():
     assert common.tensor_key(t, None) == ((t.shape, t.stride(), torch.float32, t.device, True), None)
     assert common.tensor_key(t) != common.tensor_key(t.transpose(2, 3).contiguous().transpose(2, 3))
     assert common.tensor_key(base[:32]) != common.tensor_key(base[1:33])
-    assert common.contiguous_strides((2, 3, 8, 16)) == t.stride() and common.contiguous_strides((5,)) == (1,)
+    # Outputs take their input's layout: a dense one as it is, a view's as dense strides in its dim order.
+    assert common.layout_like(t) == t.stride() and common.layout_like(t.transpose(1, 2)) == (384, 16, 128, 1)
+    assert common.layout_like(torch.zeros(2, 24, 8)[:, :16].view(2, 16, 2, 4).transpose(2, 3)) == (128, 8, 1, 4)
     assert [common.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
     assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
     if common.INTERPRETING:

@@ -136,7 +136,10 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
             or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors with
             head dims ≤ 128, the reference otherwise).
     Returns:
-        ``(B, H, N, dv)`` in ``v.dtype``.
+        ``(B, H, N, dv)`` in ``v.dtype``. The Triton backend lays it out as ``torch.empty_like(v)`` (and each
+        gradient as its input): when q, k, v are ``(B, H, N, d)`` views of a projection's output, the reshape
+        back to tokens (``out.transpose(1, 2).reshape(B, N, C)`` or ``out.transpose(-1, -2).reshape(B, C, H, W)``)
+        is a view instead of a copy.
     """
     check_inputs(q, k, v, key_weights, rope, normalization, feature_map)
     if backend not in BACKENDS + ("auto",):

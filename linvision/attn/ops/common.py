@@ -125,13 +125,12 @@ class ReduceBuffer:
         return buf[0] if self.copies == 1 else buf.sum(0)
 
 
-def contiguous_strides(shape: tuple) -> tuple:
-    """Strides of a contiguous tensor of ``shape`` (what ``torch.empty(shape)`` returns), without allocating."""
-    strides, step = [], 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= size
-    return tuple(reversed(strides))
+def layout_like(t: torch.Tensor) -> tuple:
+    """Strides of ``torch.empty_like(t)`` (PyTorch's ``preserve_format`` rule): t's own when t is dense, else dense
+    strides in t's dimension order. The kernels write outputs and gradients in this layout: for a ``(B, H, N, d)``
+    view of a projection's output (``(B, N, H, d)`` or ``(B, H, d, N)`` in memory), the way back to tokens
+    (``transpose(1, 2).reshape(B, N, C)``, ``transpose(-1, -2).reshape(B, C, H, W)``) is then a view, not a copy."""
+    return torch.empty_like(t, device="meta").stride()
 
 
 def token_grid(bh: int, n: int, device: torch.device):

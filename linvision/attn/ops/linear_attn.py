@@ -45,9 +45,8 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, eps):
     bsz, heads, n, d = q.shape
-    dv = v.shape[-1]
-    out = v.new_empty((bsz, heads, n, dv))
-    state = q.new_empty((bsz * heads, state_size(d, dv)), dtype=torch.float32)
+    out = torch.empty_like(v)                      # the kernels write v's layout (common.layout_like)
+    state = q.new_empty((bsz * heads, state_size(d, v.shape[-1])), dtype=torch.float32)
     return out, state
 
 
@@ -62,8 +61,8 @@ def _bwd_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_weights: Opti
 
 @_bwd_op.register_fake
 def _bwd_fake(grad_out, q, k, v, key_weights, rope_angle, state, rope_width, normalization, feature_map, scale, eps):
-    dw = key_weights.new_empty(key_weights.shape) if key_weights is not None else q.new_empty((0,))
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dw)
+    dw = torch.empty_like(key_weights) if key_weights is not None else q.new_empty((0,))
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dw)
 
 
 def _setup_context(ctx, inputs, output):
@@ -109,7 +108,9 @@ def linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, normalization: s
     """Triton path of :func:`linvision.attn.linear_attention` (same arguments; inputs already validated).
 
     q, k: ``(B, H, N, d)``, v: ``(B, H, N, dv)`` with d, dv ≤ 128, any strides, fp32/fp16/bf16.
-    Returns ``(B, H, N, dv)`` contiguous in ``v.dtype``.
+    Returns ``(B, H, N, dv)`` in ``v.dtype`` and v's layout (``torch.empty_like(v)``); the gradients take the
+    layouts of q, k, v and the key weights (``common.layout_like``: for views of a projection's output, the
+    inverse reshape back to tokens is then a view, not a copy).
     """
     if not supports(q, v):
         raise ValueError(f"the Triton backend needs CUDA tensors (or TRITON_INTERPRET=1) and head dims <= "

@@ -26,9 +26,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
-                     autotune_configs, block, column0, contiguous_strides, dependent_consts, dot_mode, feature,
-                     feature_grad, head_ptr, in_first_row, load_at, load_tile, mm, policy_key, reduce_splits, rope,
-                     row0, size_class, split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
+                     autotune_configs, block, column0, dependent_consts, dot_mode, feature, feature_grad, head_ptr,
+                     in_first_row, layout_like, load_at, load_tile, mm, policy_key, reduce_splits, rope, row0,
+                     size_class, split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
                      wait_for_previous_pass)
 from ..core import _combine, feature_map_fn
 from ..rope import apply_rope, rope_tables
@@ -261,7 +261,8 @@ def _bwd_kv_kernel(k_ptr, v_ptr, w_ptr, angle_ptr, dstate_ptr, dk_ptr, dv_ptr, d
 def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor],
                          rope_angle: Optional[Tensor], state: Tensor, rope_width: int, normalization: str,
                          feature_map: str, scale: float, eps: float) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Gradients ``(dq, dk, dv, dw)`` (dtypes of q, k, v, key_weights; ``dw`` None without weights)."""
+    """Gradients ``(dq, dk, dv, dw)`` in the dtypes and layouts (``torch.empty_like``) of q, k, v, key_weights;
+    ``dw`` is None without weights."""
     mode = dot_mode(q, k, v)
     if mode == 0 and max(q.shape[-1], v.shape[-1]) > 64 and not INTERPRETING:
         # 3×tf32 products of wide fp32 tiles need more shared memory than a Hopper SM has
@@ -270,13 +271,23 @@ def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_
                                        scale, eps)
         dk, dv, dw = _backward_kv_torch(k, v, key_weights, rope_angle, dstate, rope_width, normalization,
                                         feature_map, scale)
-        return dq, dk, dv, dw
+        # The same layouts as the kernels' (the custom op's fake kernel promises them to torch.compile).
+        return (_in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v),
+                None if dw is None else _in_layout_of(dw, key_weights))
     def q_side_pass() -> Tuple[Tensor, Tensor]:
         return backward_q(grad_out, q, state, rope_angle, rope_width, normalization, feature_map, scale, eps, mode)
     dq, dstate = q_side_pass()
     dk, dv, dw = backward_kv(k, v, key_weights, rope_angle, dstate, rope_width, normalization, feature_map, scale,
                              mode, preceding_pass=q_side_pass)
     return dq, dk, dv, dw
+
+
+def _in_layout_of(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with the strides of ``torch.empty_like(like)`` (copied only if it has others)."""
+    strides = layout_like(like)
+    if t.stride() == strides:
+        return t
+    return torch.empty_strided(t.shape, strides, device=t.device, dtype=t.dtype).copy_(t)
 
 
 class _QSidePass:
@@ -289,8 +300,9 @@ class _QSidePass:
         bh = bsz * heads
         splits = reduce_splits(bh, n, q.device)
         self.buffer = ReduceBuffer(bh, state_size(d, dv_dim), splits)
+        self.dq_strides = layout_like(q)
         self.call = KernelCall(_bwd_q_kernel, split_grid(bh, n, splits), (
-            *q.stride(), *grad_out.stride(), *contiguous_strides(q.shape),        # dq is contiguous
+            *q.stride(), *grad_out.stride(), *self.dq_strides,
             heads, n, size_class(n), max(rope_width, 1), self.buffer.copies, bh * state_size(d, dv_dim), scale,
             eps), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map],
@@ -299,17 +311,17 @@ class _QSidePass:
 
 
 class _KVSidePass:
-    """Backward pass 2 for one signature: the kernel call (dk, dv, dw are contiguous)."""
+    """Backward pass 2 for one signature: the kernel call and the layouts of dk, dv, dw (those of k, v, w)."""
 
     def __init__(self, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
                  rope_width: int, normalization: str, feature_map: str, scale: float, mode: int):
         bsz, heads, n, d = k.shape
         dv_dim = v.shape[-1]
         has_w = key_weights is not None
+        self.strides = (layout_like(k), layout_like(v), layout_like(key_weights) if has_w else (0, 0, 0))
         self.call = KernelCall(_bwd_kv_kernel, token_grid(bsz * heads, n, k.device), (
-            *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)),
-            *contiguous_strides(k.shape), *contiguous_strides(v.shape),
-            *(contiguous_strides(key_weights.shape) if has_w else (0, 0, 0)),
+            *k.stride(), *v.stride(), *(key_weights.stride() if has_w else (0, 0, 0)), *self.strides[0],
+            *self.strides[1], *self.strides[2],
             heads, n, size_class(n), max(rope_width, 1), scale / n, 1.0 / n), dict(
             D=d, DV=dv_dim, BD=block(d), BDV=block(dv_dim), FEATURE=FEATURE_IDS[feature_map], HAS_W=has_w,
             ROPE=rope_angle is not None, NEED_VMEAN=NORMALIZATION_IDS[normalization] in (1, 2), DOT_MODE=mode,
@@ -322,13 +334,13 @@ _KV_SIDE_PASSES = PlanCache()
 
 def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
                normalization: str, feature_map: str, scale: float, eps: float, mode: int) -> Tuple[Tensor, Tensor]:
-    """Backward pass 1: ``dq`` and the fp32 gradient of the state ``(B·H, d·dv + d + dv)``."""
+    """Backward pass 1: ``dq`` (q's dtype and layout) and the fp32 gradient of the state ``(B·H, d·dv + d + dv)``."""
     key = (tensor_key(grad_out, q, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
            policy_key())
     plan = _Q_SIDE_PASSES.get(key) or _Q_SIDE_PASSES.put(key, _QSidePass(
         grad_out, q, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
     buf = plan.buffer.allocate(q.device)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dq = torch.empty_strided(q.shape, plan.dq_strides, device=q.device, dtype=q.dtype)
     plan.call(q, grad_out, state, rope_angle if rope_angle is not None else q, dq, buf)
     return dq, plan.buffer.total(buf)
 
@@ -403,9 +415,10 @@ def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle:
            policy_key())
     plan = _KV_SIDE_PASSES.get(key) or _KV_SIDE_PASSES.put(key, _KVSidePass(
         k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, mode))
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=k.device, dtype=v.dtype)
-    dw = None if key_weights is None else torch.empty(key_weights.shape, device=k.device, dtype=key_weights.dtype)
+    dk = torch.empty_strided(k.shape, plan.strides[0], device=k.device, dtype=k.dtype)
+    dv = torch.empty_strided(v.shape, plan.strides[1], device=k.device, dtype=v.dtype)
+    dw = None if key_weights is None else torch.empty_strided(key_weights.shape, plan.strides[2], device=k.device,
+                                                              dtype=key_weights.dtype)
     plan.call(k, v, key_weights if key_weights is not None else k, rope_angle if rope_angle is not None else k, dstate,
               dk, dv, dw if dw is not None else dk, preceding_pass=preceding_pass)
     return dk, dv, dw

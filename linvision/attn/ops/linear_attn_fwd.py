@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer, autotune_configs, block,
-                     column0, contiguous_strides, dependent_consts, dot_mode, feature, first_column, head_ptr,
+                     column0, dependent_consts, dot_mode, feature, first_column, head_ptr, layout_like,
                      load_at, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
                      start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid, wait_for_previous_pass)
 
@@ -225,15 +225,17 @@ class _StatePass:
 
 
 class _OutputPass:
-    """Pass 2 for one signature: the output's shape and the kernel call."""
+    """Pass 2 for one signature: the output's shape and layout (``v``'s, see ``common.layout_like``) and the
+    kernel call."""
 
     def __init__(self, q: Tensor, v: Tensor, rope_angle: Optional[Tensor], rope_width: int, normalization: str,
                  feature_map: str, scale: float, eps: float, mode: int):
         bsz, heads, n, d = q.shape
         dv = v.shape[-1]
         self.shape = (bsz, heads, n, dv)
+        self.strides = layout_like(v)
         self.call = KernelCall(_output_kernel, token_grid(bsz * heads, n, q.device), (
-            *q.stride(), *contiguous_strides(self.shape),          # the output is contiguous
+            *q.stride(), *self.strides,
             heads, n, size_class(n), max(rope_width, 1), scale, eps), dict(
             D=d, DV=dv, BD=block(d), BDV=block(dv), FEATURE=FEATURE_IDS[feature_map],
             NORM=NORMALIZATION_IDS[normalization], ROPE=rope_angle is not None, DOT_MODE=mode,
@@ -259,7 +261,8 @@ def forward_state(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angl
 def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
                    normalization: str, feature_map: str, scale: float, eps: float, mode: int,
                    preceding_pass: Optional[Callable[[], object]] = None) -> Tensor:
-    """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` from q and the state. On sm_90+ it is launched as a
+    """Pass 2: ``out (B, H, N, dv)`` in ``v.dtype`` and ``v``'s layout (``torch.empty_like(v)``) from q and the
+    state. On sm_90+ it is launched as a
     programmatic dependent and reads q before the previous kernel has finished: call it right after
     :func:`forward_state` (q must not be written by the kernel just before it). ``preceding_pass`` (that
     :func:`forward_state` call, on buffers of its own) lets its config be tuned together with it
@@ -268,6 +271,6 @@ def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Ten
            policy_key())
     plan = _OUTPUT_PASSES.get(key) or _OUTPUT_PASSES.put(key, _OutputPass(
         q, v, rope_angle, rope_width, normalization, feature_map, scale, eps, mode))
-    out = torch.empty(plan.shape, device=q.device, dtype=v.dtype)
+    out = torch.empty_strided(plan.shape, plan.strides, device=q.device, dtype=v.dtype)
     plan.call(q, state, out, rope_angle if rope_angle is not None else q, preceding_pass=preceding_pass)
     return out
