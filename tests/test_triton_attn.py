@@ -180,12 +180,40 @@ def test_strided_views_small():
     _close("out", out, ref, 1e-4)
 
 
+def _projection_views(leaf, heads, d):
+    """q, k, v as (B, H, N, d) views of one projection output, as the models make them: a (B, 3C, H, W) conv output
+    (either memory format) or a (B, N, 3, H, d) linear output."""
+    if leaf.dim() == 5:
+        return leaf.permute(2, 0, 3, 1, 4).unbind(0)
+    n = leaf.shape[2] * leaf.shape[3]
+    return tuple(t.reshape(leaf.shape[0], heads, d, n).transpose(-1, -2) for t in leaf.chunk(3, dim=1))
+
+
+def check_projection_views(src, w, g, heads, d, dtype, rtol, **opts):
+    """Forward + backward of the Triton path on q, k, v views of ``src`` (rounded to ``dtype``) and key weights ``w``,
+    against the fp32 reference on the same values: the output and every gradient come in the layout of their input
+    (torch.empty_like) and match within ``rtol``. Returns the Triton output."""
+    from linvision.attn.ops.common import layout_like
+    names = ("out", "dq", "dk", "dv", "dw")
+    results = []
+    for backend, cast in (("triton", dtype), ("torch", torch.float32)):
+        leaf, wl = src.to(dtype).to(cast).clone().requires_grad_(), w.clone().requires_grad_()
+        q, k, v = _projection_views(leaf, heads, d)
+        out = linear_attention(q, k, v, key_weights=wl, backend=backend, **opts)
+        results.append((out, *torch.autograd.grad(out, (q, k, v, wl), g.to(dtype).to(out.dtype))))
+        if backend == "triton":
+            for name, t, like in zip(names, results[0], (v, q, k, v, wl)):
+                assert t.stride() == layout_like(like), f"{name}: strides {t.stride()}, want {layout_like(like)}"
+    for name, tri, ref in zip(names, *results):
+        _close(name, tri, ref.to(tri.dtype), rtol)
+    return results[0][0]
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outputs_and_grads_take_input_layouts(channels_last):
     """q, k, v as (B, H, N, d) views of a conv's (B, 3C, H, W) output, as the models make them: the output and
     every gradient come in their input's layout (torch.empty_like), so the reshape back to (B, C, H, W) is a view
     of the output; values and gradients match the reference."""
-    from linvision.attn.ops.common import layout_like
     b, heads, d, hh, ww = 2, 2, 16, 3, 5
     c, n = heads * d, hh * ww
     x = torch.randn(b, 3 * c, hh, ww, device=DEVICE)
@@ -193,23 +221,11 @@ def test_outputs_and_grads_take_input_layouts(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(b, n, heads, device=DEVICE) + 0.5).transpose(1, 2)          # (B, H, N), not contiguous
     g = torch.randn(b, heads, n, d, device=DEVICE)
-    opts = dict(normalization="magnitude_aware", feature_map="elu1", scale=0.5)
-    results = []
-    for backend in ("triton", "torch"):
-        leaf, wl = x.clone().requires_grad_(), w.clone().requires_grad_()
-        q, k, v = (t.reshape(b, heads, d, n).transpose(-1, -2) for t in leaf.chunk(3, dim=1))
-        out = linear_attention(q, k, v, key_weights=wl, backend=backend, **opts)
-        grads = torch.autograd.grad(out, (q, k, v, wl), g)
-        results.append((out, *grads))
-        if backend == "triton":
-            for name, t, like in zip(("out", "dq", "dk", "dv", "dw"), results[0], (v, q, k, v, wl)):
-                assert t.stride() == layout_like(like), f"{name}: strides {t.stride()}, want {layout_like(like)}"
-            back = out.transpose(-1, -2).reshape(b, c, hh, ww)
-            assert back.data_ptr() == out.data_ptr() and back._is_view(), "the reshape back to (B, C, H, W) copied"
-            fmt = torch.channels_last if channels_last else torch.contiguous_format
-            assert back.is_contiguous(memory_format=fmt)
-    for name, tri, ref in zip(("out", "dq", "dk", "dv", "dw"), *results):
-        _close(name, tri, ref, 1e-4)
+    out = check_projection_views(x, w, g, heads, d, torch.float32, 1e-4, normalization="magnitude_aware",
+                                 feature_map="elu1", scale=0.5)
+    back = out.transpose(-1, -2).reshape(b, c, hh, ww)
+    assert back.data_ptr() == out.data_ptr() and back._is_view(), "the reshape back to (B, C, H, W) copied"
+    assert back.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def test_torch_compile_no_graph_break():
@@ -318,7 +334,6 @@ def test_projection_layouts_gpu(layout, normalization, dtype):
     Before the magnitude-aware and injective row sums of the q-side backward became ``[γ, 0…]ᵀ @ x`` products
     (common.in_first_row), bf16 at d = 64 got dk and dw wrong here (6e-2 and 1.7 relative) or faulted (H100,
     triton 3.6); the suite's contiguous cases without key weights passed."""
-    from linvision.attn.ops.common import layout_like
     b, heads, d, side = 4, 4, 64, 56
     c, n = heads * d, side * side
     torch.manual_seed(0)
@@ -330,20 +345,8 @@ def test_projection_layouts_gpu(layout, normalization, dtype):
             src = src.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(b, n, heads, device="cuda") + 0.5).transpose(1, 2)
     g = torch.randn(b, heads, n, d, device="cuda")
-    results = []
-    for backend, cast in (("triton", dtype), ("torch", torch.float32)):
-        leaf, wl = src.to(dtype).to(cast).requires_grad_(), w.clone().requires_grad_()
-        if layout == "tokens_heads":
-            q, k, v = leaf.permute(2, 0, 3, 1, 4).unbind(0)
-        else:
-            q, k, v = (t.reshape(b, heads, d, n).transpose(-1, -2) for t in leaf.chunk(3, dim=1))
-        out = linear_attention(q, k, v, key_weights=wl, normalization=normalization, feature_map="elu1",
-                               scale=d ** -0.5, backend=backend)
-        results.append((out, *torch.autograd.grad(out, (q, k, v, wl), g.to(dtype).to(out.dtype))))
-        if backend == "triton":
-            assert [t.stride() for t in results[0]] == [layout_like(t) for t in (v, q, k, v, wl)]
-    for name, tri, ref in zip(("out", "dq", "dk", "dv", "dw"), *results):
-        _close(name, tri, ref.to(tri.dtype), TOL[dtype])
+    check_projection_views(src, w, g, heads, d, dtype, TOL[dtype], normalization=normalization, feature_map="elu1",
+                           scale=d ** -0.5)
 
 
 @pytest.mark.cuda
