@@ -126,7 +126,7 @@ def official_focused(mixer, q, k, v, hw, form="head"):
     explicit N×N matrix ``A = φq φkᵀ / (φq·Σφk + 1e-6)``.
     """
     h, p = mixer.num_heads, mixer.focusing_power
-    qc, kc, vc = merge(q), merge(k), merge(v)                          # (B, N, C)
+    qc, kc = merge(q), merge(k)                                        # (B, N, C)
     b, n, c = qc.shape
     if mixer.positional_encoding is not None:
         kc = kc + mixer.positional_encoding
