@@ -169,17 +169,6 @@ def test_auto_backend_and_validation():
         linear_attention(q, q, q, backend="cuda")
 
 
-def test_strided_views_small():
-    """q, k, v as views of one (B, N, 3, H, d) projection output, read through their strides."""
-    b, n, heads, d = 1, 29, 2, 32
-    qkv = torch.randn(b, n, 3, heads, d, device=DEVICE)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    assert not q.is_contiguous()
-    out = linear_attention(q, k, v, normalization="magnitude_aware", feature_map="elu1", backend="triton")
-    ref = linear_attention_torch(q, k, v, normalization="magnitude_aware", feature_map="elu1")
-    _close("out", out, ref, 1e-4)
-
-
 def _projection_views(leaf, heads, d):
     """q, k, v as (B, H, N, d) views of one projection output, as the models make them: a (B, 3C, H, W) conv output
     (either memory format) or a (B, N, 3, H, d) linear output."""
@@ -187,6 +176,16 @@ def _projection_views(leaf, heads, d):
         return leaf.permute(2, 0, 3, 1, 4).unbind(0)
     n = leaf.shape[2] * leaf.shape[3]
     return tuple(t.reshape(leaf.shape[0], heads, d, n).transpose(-1, -2) for t in leaf.chunk(3, dim=1))
+
+
+def test_strided_views_small():
+    """q, k, v as views of one (B, N, 3, H, d) projection output, read through their strides."""
+    b, n, heads, d = 1, 29, 2, 32
+    q, k, v = _projection_views(torch.randn(b, n, 3, heads, d, device=DEVICE), heads, d)
+    assert not q.is_contiguous()
+    out = linear_attention(q, k, v, normalization="magnitude_aware", feature_map="elu1", backend="triton")
+    ref = linear_attention_torch(q, k, v, normalization="magnitude_aware", feature_map="elu1")
+    _close("out", out, ref, 1e-4)
 
 
 def check_projection_views(src, w, g, heads, d, dtype, rtol, **opts):
@@ -252,8 +251,8 @@ def test_custom_op_registration():
             grid.width, "division", "elu1", 1.0, 1e-6)
     torch.library.opcheck(_fwd_op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     # Views of one (B, N, 3, H, d) projection: the fake kernels must promise the layouts the kernels write.
-    qkv = torch.randn(1, 9, 3, 1, 16, device=DEVICE).permute(2, 0, 3, 1, 4)
-    strided = (*(t.requires_grad_() for t in qkv.clone().unbind(0)),) + args[3:]
+    views = _projection_views(torch.randn(1, 9, 3, 1, 16, device=DEVICE), 1, 16)
+    strided = (*(t.requires_grad_() for t in views),) + args[3:]
     torch.library.opcheck(_fwd_op, strided, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     from linvision.attn.ops.linear_attn import _fwd_fake
     real = _fwd_op(*strided)[0].stride()
@@ -313,10 +312,9 @@ def test_strided_views_gpu():
     b, n, heads, d = 2, 3136, 4, 64
     qkv = torch.randn(b, n, 3, heads, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ref_qkv = qkv.detach().clone().requires_grad_()
-    out = linear_attention(*qkv.permute(2, 0, 3, 1, 4).unbind(0), normalization="division", feature_map="elu1",
+    out = linear_attention(*_projection_views(qkv, heads, d), normalization="division", feature_map="elu1",
                            backend="auto")
-    ref = linear_attention_torch(*ref_qkv.permute(2, 0, 3, 1, 4).unbind(0), normalization="division",
-                                 feature_map="elu1")
+    ref = linear_attention_torch(*_projection_views(ref_qkv, heads, d), normalization="division", feature_map="elu1")
     grad = torch.randn_like(ref).transpose(1, 2).contiguous().transpose(1, 2)   # a strided upstream grad
     out.backward(grad)
     ref.backward(grad)
