@@ -163,9 +163,10 @@ def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
 
 
 def load_weights(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
-    """Read a ``state_dict`` written by :func:`save_weights` (any safetensors file)."""
-    from safetensors.torch import load_file
-    return load_file(str(path), device=str(device))
+    """Read a ``state_dict`` written by :func:`save_weights` (any safetensors file), checked against
+    the manifest beside it when there is one."""
+    from .serialization import load_checkpoint_file
+    return load_checkpoint_file(path, device)
 
 
 def save_state(state: Mapping[str, Any], path: PathLike) -> Path:
@@ -174,8 +175,9 @@ def save_state(state: Mapping[str, Any], path: PathLike) -> Path:
 
 
 def load_state(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
-    """Load a training-state dict written by :func:`save_state` (``weights_only=True``)."""
-    return torch.load(str(path), map_location=device, weights_only=True)
+    """Load a training-state dict written by :func:`save_state` (never runs code from the file)."""
+    from .serialization import load_checkpoint_file
+    return load_checkpoint_file(path, device)
 
 
 def capture_rng_state() -> Dict[str, Any]:

@@ -43,12 +43,13 @@ from tqdm import tqdm
 import timm
 from timm.data import resolve_data_config as timm_resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import load_state_dict as timm_load_state_dict
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
 
-from .checkpoint import capture_rng_state, load_weights, read_weights_metadata, restore_rng_state, write_json
+from .backbones._builder import unwrap_checkpoint
+from .checkpoint import capture_rng_state, read_weights_metadata, restore_rng_state, write_json
+from .serialization import CheckpointError, load_checkpoint_file
 from .training.checkpoints import (BEST_WEIGHTS, LAST_EMA, LAST_MANIFEST, LAST_STATE, LAST_WEIGHTS, Checkpoint,
                                    CheckpointManager, ema_sibling, resolve_resume)
 from .training.common import InputError, plain as _plain
@@ -862,7 +863,7 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     preprocessing come from its metadata; ``--use-ema`` takes the ``.ema.safetensors`` beside it)
     or any other ``.pth``/``.safetensors`` (official checkpoints are converted by the model
     family's ``checkpoint_filter_fn``; ``--use-ema``/``--no-use-ema`` pick the EMA or raw
-    entry, default EMA when present) — or ``args.pretrained`` (timm's registry, e.g.
+    entry, default: the family's choice) — or ``args.pretrained`` (timm's registry, e.g.
     ``--model mavit_s.<tag> --pretrained``).
 
     A CUDA out-of-memory error halves the batch size and starts again (down to 1). Under torchrun
@@ -878,16 +879,24 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     meta: Dict[str, Any] = {}
     weights_file: Optional[Path] = None
     use_ema = getattr(args, "use_ema", None)
+    checkpoint: Any = None
     if args.checkpoint:
         weights_file = _checkpoint_file(Path(args.checkpoint))
-        meta = read_weights_metadata(weights_file)
-        _apply_checkpoint_defaults(args, meta)
-        if meta and use_ema:
+        if use_ema and weights_file.name.endswith(".safetensors"):
             sibling = ema_sibling(weights_file)
             if sibling.is_file():
                 weights_file = sibling
-            elif not read_weights_metadata(weights_file).get("ema"):
-                log(f"warning: --use-ema: no EMA weights beside {weights_file} ({sibling.name}); using the file given")
+        # Read (and check against any manifest) before anything else: a damaged or unsafe file is
+        # reported as such, never as a missing option.
+        try:
+            checkpoint = load_checkpoint_file(weights_file)
+        except CheckpointError as e:
+            raise InputError(str(e)) from None
+        meta = read_weights_metadata(weights_file) if weights_file.name.endswith(".safetensors") else {}
+        _apply_checkpoint_defaults(args, meta)
+        if meta and use_ema and not meta.get("ema"):
+            log(f"warning: --use-ema: no EMA weights beside {weights_file} ({ema_sibling(weights_file).name}); "
+                f"using the file given")
     if not args.model:
         raise InputError("--model is required (the checkpoint does not name its model)")
     if not args.checkpoint and not args.pretrained:
@@ -906,15 +915,18 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     if weights_file is not None and meta:
         model = build_model(args, num_classes, pretrained=False)
         try:
-            model.load_state_dict(load_weights(weights_file), strict=True)
+            model.load_state_dict(checkpoint, strict=True)
         except RuntimeError as e:
             raise InputError(f"{weights_file} does not fit {args.model} with {num_classes} classes and "
                              f"{in_chans} input channels:\n{e}") from e
     elif weights_file is not None:
         try:
-            state_dict = timm_load_state_dict(str(weights_file), use_ema=use_ema is not False)
+            # The whole container goes to the family's filter (its documented raw/EMA default)
+            # unless --use-ema / --no-use-ema chose.
+            if use_ema is not None and isinstance(checkpoint, dict):
+                checkpoint = unwrap_checkpoint(checkpoint, prefer_ema=use_ema)
             model = build_model(args, num_classes, pretrained=True, pretrained_cfg_overlay=dict(
-                state_dict=state_dict, num_classes=num_classes))
+                state_dict=checkpoint, num_classes=num_classes))
         except (RuntimeError, KeyError, ValueError) as e:
             raise InputError(f"{weights_file} does not fit {args.model} with {num_classes} classes and "
                              f"{in_chans} input channels:\n{e}") from e

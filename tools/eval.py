@@ -4,7 +4,8 @@
 A ``.safetensors`` file written by ``tools/train.py`` carries its model name, classes and
 preprocessing, so ``--checkpoint`` and ``--data-dir`` are enough; flags override. ``--use-ema``
 takes the EMA weights (``X.ema.safetensors`` beside a linvision checkpoint, the ``model_ema`` /
-``state_dict_ema`` entry of a ``.pth``). Other checkpoints (``.pth``, official releases, converted
+``state_dict_ema`` entry of a ``.pth``). Every file is read without running code from it and
+checked against the manifest beside it, if any. Other checkpoints (``.pth``, official releases, converted
 by the model family's filter) need ``--model`` (and ``--num-classes`` etc. as trained).
 ``--data-dir`` is a root holding ``<split>/<class>/*`` (or ``<split>.tar``), the split folder or
 tar itself, or the root of a ``--dataset`` source. Under torchrun every process evaluates a share.
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--checkpoint", default=None, help=".safetensors / .pth weights, or a checkpoint manifest .json")
     group.add_argument("--pretrained", action="store_true", help="use the model's registry (pretrained) weights")
     group.add_argument("--use-ema", action=_BOOL, default=None,
-                       help="EMA weights (default: the file given; for a .pth its EMA entry when present)")
+                       help="EMA weights (default: the file given; for a container holding both, the model family's documented choice)")
     group.add_argument("--num-classes", type=int, default=None)
     group.add_argument("--in-chans", type=int, default=None)
     group.add_argument("--model-kwargs", nargs="*", default=None, action=ParseKwargs,

@@ -106,6 +106,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
 
     import torch
+
+    from linvision.serialization import allow_plain_data_in_torch_load
     cfg.launcher = args.launcher
     cfg.work_dir = args.work_dir or cfg.get("work_dir") or osp.join("work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.amp and torch.cuda.is_available():
@@ -122,10 +124,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg.resume, cfg.load_from = True, args.resume
     if args.checkpoint:
         cfg.load_from = args.checkpoint
+    # mmengine reads checkpoints (load_from, resume, official files) with torch.load(weights_only=True);
+    # their meta holds numpy values and message-hub buffers: allow exactly those plain-data types.
+    allow_plain_data_in_torch_load()
     if args.official_checkpoint:
-        # Official checkpoints keep numpy values in 'meta', which torch >= 2.6's default weights_only
-        # load (used by mmengine 0.10.7's load_from) rejects; this is the user's own file.
-        os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
         cfg.model.backbone.init_cfg = dict(type="Pretrained", checkpoint=args.official_checkpoint, prefix="backbone.")
         cfg.load_from = args.official_checkpoint
 

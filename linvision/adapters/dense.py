@@ -34,7 +34,9 @@ from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backbones.linvit import LinViT, convert_official_keys, unwrap_state_dict
+from ..backbones._builder import unwrap_checkpoint
+from ..backbones.linvit import LinViT, convert_official_keys
+from ..serialization import load_checkpoint_file
 
 __all__ = ["DenseBackbone", "LoadReport", "read_checkpoint"]
 
@@ -91,28 +93,11 @@ class LoadReport:
         return "; ".join(lines)
 
 
-def read_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu",
-                    weights_only: Optional[bool] = None) -> Dict:
-    """Read a ``.safetensors`` or torch checkpoint file into a dict.
-
-    ``weights_only=None`` tries torch's safe loader first and falls back to full unpickling (with a
-    warning) for files whose metadata holds other Python objects — mmdet/mmseg checkpoints store
-    numpy values in ``meta`` (spec environment.md §7). Pass ``True`` to refuse that fallback.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device=str(map_location))
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError and friends, depending on the file
-        if weights_only:
-            raise
-        warnings.warn(f"{path}: not loadable with weights_only=True ({type(err).__name__}); loading it with "
-                      "full unpickling — only do this for files you trust", stacklevel=2)
-        return torch.load(path, map_location=map_location, weights_only=False)
+def read_checkpoint(path: Union[str, os.PathLike], map_location: Union[str, torch.device] = "cpu") -> Dict:
+    """Read a ``.safetensors`` or torch checkpoint file into a dict, without running code from it
+    (:func:`linvision.serialization.load_checkpoint_file`: the mm* ``meta`` entries such as numpy
+    values and message-hub buffers come back as plain data; anything else is refused)."""
+    return load_checkpoint_file(path, map_location)
 
 
 def _strip_prefix(state_dict: Mapping, prefix: str) -> Dict:
@@ -274,7 +259,7 @@ class DenseBackbone(nn.Module):
         """
         source = "state dict" if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
         raw = checkpoint if isinstance(checkpoint, Mapping) else read_checkpoint(checkpoint, map_location)
-        state = dict(unwrap_state_dict(raw))
+        state = unwrap_checkpoint(raw, prefer_ema=True)
         state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
         used_prefix = prefix
         if prefix:

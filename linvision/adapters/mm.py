@@ -103,8 +103,9 @@ class LinVisionBackbone(DenseBackbone, BaseModule):
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None, map_location: str = "cpu",
                         strict: bool = False) -> LoadReport:
         """Load a local file (``.pth``/``.safetensors``), an ``http(s)://`` URL (downloaded once into
-        torch's hub cache, ``$TORCH_HOME/hub/checkpoints``) or anything else mmengine's
-        ``CheckpointLoader`` reads (``open-mmlab://`` …); log the key report to mmengine's logger."""
+        linvision's cache) or anything else mmengine's ``CheckpointLoader`` reads (``open-mmlab://``
+        …, which mmengine reads with ``torch.load(weights_only=True)``); log the key report to
+        mmengine's logger. Files are read by :func:`linvision.serialization.load_checkpoint_file`."""
         source = str(checkpoint)
         path = os.path.expanduser(source)
         if source.startswith(("http://", "https://")):
@@ -119,15 +120,15 @@ class LinVisionBackbone(DenseBackbone, BaseModule):
 
 
 def _download(url: str) -> str:
-    """``url`` cached under torch's hub directory (download_url_to_file writes a temp file, then renames)."""
+    """``url`` downloaded once (resumable, atomic) into linvision's cache, ``<cache>/downloads``."""
     from urllib.parse import urlparse
-    cache = os.path.join(torch.hub.get_dir(), "checkpoints")
-    os.makedirs(cache, exist_ok=True)
-    path = os.path.join(cache, os.path.basename(urlparse(url).path))
-    if not os.path.isfile(path):
+
+    from ..pretrained import cache_dir, download_file
+    path = cache_dir() / "downloads" / os.path.basename(urlparse(url).path)
+    if not path.is_file():
         print_log(f"downloading {url} to {path}", logger="current")
-        torch.hub.download_url_to_file(url, path, progress=True)
-    return path
+        download_file(url, path)
+    return str(path)
 
 
 @WEIGHT_INITIALIZERS.register_module(name="LinVisionPretrained")

@@ -37,5 +37,26 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
 
 
 def build_model_with_cfg(model_cls, variant: str, pretrained: bool, **kwargs):
-    """timm's ``build_model_with_cfg`` (same arguments)."""
-    return _timm_build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    """timm's ``build_model_with_cfg`` (same arguments), with every pretrained load made safe.
+
+    With ``pretrained=True`` the weights are read by :func:`linvision.pretrained.resolve_pretrained`
+    (safetensors or an allow-listed ``weights_only`` unpickling, checked against any known sha256;
+    the cache or a verified download when no file is given) and handed to timm as the
+    ``state_dict`` entry of the pretrained cfg, so timm's own file/URL readers never run. The family's
+    ``pretrained_filter_fn`` receives the whole checkpoint (containers included).
+    """
+    if not pretrained:
+        return _timm_build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    from ..pretrained import resolve_pretrained
+
+    overlay = resolve_pretrained(variant, kwargs.get("pretrained_cfg"), kwargs.get("pretrained_cfg_overlay"))
+    if overlay is not None:
+        kwargs["pretrained_cfg_overlay"] = overlay
+    model = _timm_build_model_with_cfg(model_cls, variant, pretrained, **kwargs)
+    if overlay is not None:
+        # timm keeps the cfg on the model: drop the checkpoint from it so that it can be freed.
+        for module in model.modules():
+            cfg = getattr(module, "pretrained_cfg", None)
+            if isinstance(cfg, dict):
+                cfg.pop("state_dict", None)
+    return model

@@ -32,12 +32,13 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ._builder import build_model_with_cfg, unwrap_checkpoint
 from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
 
-__all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys", "unwrap_state_dict"]
+__all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys"]
 
 
 class ConvStem(nn.Sequential):
@@ -339,7 +340,6 @@ class LinViT(nn.Module):
 
 
 # ------------------------------------------------------------------- official checkpoints
-_WRAPPER_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _RENAMES = (
     (r"^module\.", ""),
     (r"^patch_embed\.proj\.", "stem."),
@@ -353,15 +353,6 @@ _RENAMES = (
 )
 
 
-def unwrap_state_dict(checkpoint: Dict) -> Dict:
-    """The state dict inside a training checkpoint (``state_dict_ema`` > ``model_ema`` >
-    ``state_dict`` > ``model``, timm's order), or the checkpoint itself when it is one."""
-    for key in _WRAPPER_KEYS:
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
-
-
 def convert_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Rename an official MAViT/RAVLT (qhfan/MALA, qhfan/RALA) state dict to LinViT's layout.
 
@@ -369,7 +360,8 @@ def convert_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
     next stage, squeezes the 1×1-conv classifier and drops the dense-backbone ``extra_norms``.
     Native state dicts pass through unchanged. Pure: no check against a model.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    # EMA first when a container holds both (timm's order; which one the authors evaluated is unknown).
+    state_dict = unwrap_checkpoint(state_dict, prefer_ema=True)
     if any(k.startswith("stages.") for k in state_dict):
         return state_dict
     out = {}
@@ -449,11 +441,9 @@ _RAVLT_FILES = {"t": "RAVLT_T.pth", "s": "RAVLT_S.pth", "b": "RAVLT_B.pth", "l":
 default_cfgs = generate_default_cfgs({
     **{f"linvit_{s}.untrained": _cfg() for s in _SIZES},
     **{f"linvit_{s}_{m}.untrained": _cfg() for m in _OTHER_MECHANISMS for s in _SIZES},
-    # MAViT weights live in the HF repo aldjalkdf/MAViT under file names the authors have not
-    # documented (spec §3.5); pass the downloaded file with pretrained_cfg_overlay=dict(file=...).
-    **{f"mavit_{s}.in1k": _cfg(**_MALA, notes=("weights: https://huggingface.co/aldjalkdf/MAViT (file names "
-                                                 "undocumented; load with pretrained_cfg_overlay=dict(file=...))",))
-       for s in _SIZES},
+    # The authors publish MAViT weights in this hub repository without documenting the file names:
+    # `url` is the page to pick the file from (tools/download.py prints it; tools/convert.py stores it).
+    **{f"mavit_{s}.in1k": _cfg(url="https://huggingface.co/aldjalkdf/MAViT/tree/main", **_MALA) for s in _SIZES},
     **{f"ravlt_{s}.in1k": _cfg(hf_hub_id="aldjalkdf/RAVLT", hf_hub_filename=f, **_RALA)
        for s, f in _RAVLT_FILES.items()},
 })
