@@ -170,6 +170,8 @@ class QtVitLarge(_QuadraticTaylorHost, EfficientVitLarge):
 
     def __init__(self, device=None, dtype=None, **kwargs: Any):
         super().__init__(device=device, dtype=dtype, **kwargs)
+        # timm's host leaves the head's BatchNorm at ε = 1e-5; the official model sets every norm to 1e-7.
+        self.head.in_conv.norm.eps = self.norm_eps
         self._use_quadratic_taylor_attention(device=device, dtype=dtype)
 
 
