@@ -53,6 +53,8 @@ class QuadraticTaylorAttention(nn.Module):
             ``None``: the LinViT host accepts any resolution and has its own CPE/LePE.
         value_residual: add ``GELU(BN_d(V))`` (official: always).
         eps: ε of the feature map and of the denominator (official 1e-15).
+        norm_eps: ε of the value-residual BatchNorm (official: 1e-5, but 1e-7 in the L-series models,
+            whose every norm layer gets that ε).
     Parameters: ``constant`` (official ``ones_scale1``, init 1), ``positional_encoding`` or None,
     ``bn`` (BatchNorm over d channels; same state-dict entries as the official ``BatchNorm2d(d)``).
     """
@@ -60,7 +62,7 @@ class QuadraticTaylorAttention(nn.Module):
     uses_rope = False
 
     def __init__(self, dim: int, num_heads: int, *, positional_encoding_size: Optional[GridSize] = None,
-                 value_residual: bool = True, eps: float = 1e-15, backend: str = "auto"):
+                 value_residual: bool = True, eps: float = 1e-15, norm_eps: float = 1e-5, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -72,7 +74,7 @@ class QuadraticTaylorAttention(nn.Module):
             self.register_parameter("positional_encoding", None)
         else:
             self.positional_encoding = nn.Parameter(torch.zeros(1, dim, *as_grid(positional_encoding_size)))
-        self.bn = nn.BatchNorm1d(self.head_dim) if value_residual else None
+        self.bn = nn.BatchNorm1d(self.head_dim, eps=norm_eps) if value_residual else None
         self.act = nn.GELU()
 
     def key_positional_encoding(self, hw: Tuple[int, int]) -> Optional[Tensor]:
