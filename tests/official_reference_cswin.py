@@ -1,8 +1,9 @@
 """An independent functional forward of the official FLatten-CSWin / InLine-CSWin classifiers.
 
 Written from a description of the official code (LeapLabTHU/FLatten-Transformer
-``models/flatten_cswin.py``, LeapLabTHU/InLine ``models/inline_cswin.py``) with plain torch ops over an *official-format* state dict (``stage1_conv_embed.*``, ``stage{s}.{j}.*``,
-``merge{i}.*``, ``norm.*``, ``head.*``). It shares no code with ``linvision`` and deliberately
+``models/flatten_cswin.py``, LeapLabTHU/InLine ``models/inline_cswin.py``) with plain torch ops
+over an *official-format* state dict (``stage1_conv_embed.*``, ``stage{s}.{j}.*``, ``merge{i}.*``,
+``norm.*``, ``head.*``). It shares no code with ``linvision`` and deliberately
 computes differently: attention weights are formed explicitly (N×N) instead of through linear
 running sums, and the cross-shaped stripes are cut out of the map one by one by slicing.
 

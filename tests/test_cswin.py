@@ -108,7 +108,8 @@ def test_model_structure_follows_the_official_models():
     assert blocks[0].attns[0].mixer.positional_encoding.shape == (1, 96 * 96, 96)
     assert blocks[1].attns[0].mixer.dwc.weight.shape == (24, 1, 5, 5)     # head_dim 24, shared by heads
     assert blocks[0].norm1.eps == 1e-5 and fl.stem.norm.eps == 1e-5 and fl.stages[1].downsample.norm.eps == 1e-5
-    assert [b.attns[0].attn_type for b in (s.blocks[0] for s in il.stages)] == ["inline", "inline", "softmax", "softmax"]
+    first_blocks = [s.blocks[0] for s in il.stages]
+    assert [b.attns[0].attn_type for b in first_blocks] == ["inline", "inline", "softmax", "softmax"]
 
 
 # ------------------------------------------------------------------ official checkpoints
@@ -156,7 +157,8 @@ def test_filter_unwraps_containers_and_prefixes():
 
 def test_positional_encoding_resized_on_load(tmp_path):
     """A 64-px FLatten checkpoint loaded into a model built for 96 px: the filter resizes the tables
-    bicubically (as the official fine-tune loader does), which is exactly what the 64-px model does at run time at 96 px."""
+    bicubically (as the official fine-tune loader does), which is exactly what the 64-px model does
+    at run time at 96 px."""
     sd = _small_official("flatten_cswin_t", seed=3)
     path = _save(sd, tmp_path)
     small = _load_small("flatten_cswin_t", sd, tmp_path).eval()

@@ -22,7 +22,8 @@ branch output):
 
 Linear branches use :class:`linvision.attn.FocusedLinearAttention` (K positional encoding, shared
 5×5 DWC) and :class:`linvision.attn.InjectiveLinearAttention` (local kernels predicted from the
-token mean of the **pre-norm** block input, as the official InLine-CSWin does); softmax branches use SDPA with scale d^-½.
+token mean of the **pre-norm** block input, as the official InLine-CSWin does); softmax branches
+use SDPA with scale d^-½.
 
 Any input size works, square or not, as long as the stem accepts it (H, W ≥ 3):
 
@@ -62,14 +63,13 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..attn import FocusedLinearAttention, InjectiveLinearAttention
-from ..attn.grid import as_grid, resize_token_table
+from ..attn.grid import GridSize, as_grid, resize_token_table
 from ._builder import build_model_with_cfg, unwrap_checkpoint
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
 ATTN_TYPES = ("softmax", "focused", "inline")
 LINEAR_ATTN_TYPES = ("focused", "inline")
-GridSize = Union[int, Tuple[int, int]]
 
 
 def stem_size(hw: Tuple[int, int]) -> Tuple[int, int]:
@@ -129,7 +129,7 @@ class CrossShapedBranch(nn.Module):
         attn_type: ``'softmax'`` (official ``LePEAttention``), ``'focused'`` (FLatten) or
             ``'inline'`` (InLine).
         stripe: ``None`` (one window = the whole map), ``'vertical'`` (H × s) or ``'horizontal'`` (s × W).
-        split_size: stripe width ``s`` (ignored when ``stripe`` is None).
+        split_size: stripe width ``s`` (needed with a ``stripe``).
         grid: the stage grid at ``img_size`` — the stored size of FLatten's positional encoding.
 
     Parameters: ``lepe`` = Conv2d(C′, C′, 3, groups=C′) (official ``get_v``) and, for linear types,
@@ -137,12 +137,15 @@ class CrossShapedBranch(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int, attn_type: str = "softmax", stripe: Optional[str] = None,
-                 split_size: int = 7, grid: GridSize = 56, focusing_power: float = 3.0, dwc_kernel_size: int = 5):
+                 split_size: Optional[int] = None, grid: GridSize = 56, focusing_power: float = 3.0,
+                 dwc_kernel_size: int = 5):
         super().__init__()
         if attn_type not in ATTN_TYPES:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {attn_type!r}")
         if stripe not in (None, "vertical", "horizontal"):
             raise ValueError(f"stripe must be None, 'vertical' or 'horizontal', got {stripe!r}")
+        if stripe is not None and not (isinstance(split_size, int) and split_size >= 1):
+            raise ValueError(f"{stripe} stripes need an int split_size >= 1, got {split_size!r}")
         if attn_type in LINEAR_ATTN_TYPES and stripe is not None:
             # The official linear stages have one window per image; windowed
             # linear attention would need padded keys masked out of its sums.
@@ -223,7 +226,7 @@ class CSWinBlock(nn.Module):
         self.dim = dim
         self.norm1 = norm_layer(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        kw = dict(attn_type=attn_type, split_size=split_size or 0, grid=grid, focusing_power=focusing_power,
+        kw = dict(attn_type=attn_type, split_size=split_size, grid=grid, focusing_power=focusing_power,
                   dwc_kernel_size=dwc_kernel_size)
         if split_size is None:
             self.attns = nn.ModuleList([CrossShapedBranch(dim, num_heads, stripe=None, **kw)])
@@ -326,14 +329,11 @@ class CSWinTransformer(nn.Module):
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.in_chans = in_chans
-        self.img_size = as_grid(img_size)
-        self.attn_types = tuple(attn_types)
-        self.split_sizes = tuple(split_sizes)
         self.output_fmt = "NHWC"
         self.grad_checkpointing = False
 
         self.stem = Stem(in_chans, embed_dim, norm_layer)
-        grid = stem_size(self.img_size)
+        grid = stem_size(as_grid(img_size))
         total = sum(depths)
         # Official rule torch.linspace(0, rate, total), computed in Python (meta-device safe).
         rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
