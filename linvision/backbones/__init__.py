@@ -1,5 +1,5 @@
 """timm-registered model families (importing this module registers every model)."""
-from . import linvit, qtvit
+from . import cswin, linvit, qtvit
 from .linvit import LinViT
 
 __all__ = ["LinViT", "linvit"]
