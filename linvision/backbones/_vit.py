@@ -10,17 +10,20 @@ passes hand them the grid explicitly, so gradient checkpointing and mixed input 
 """
 from __future__ import annotations
 
+import re
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
-from timm.layers import DropPath, LayerScale, Mlp
+from timm.layers import DropPath, LayerScale, Mlp, resample_abs_pos_embed
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
-__all__ = ["TokenGridBlock", "TokenGridVisionTransformer"]
+from ._builder import unwrap_checkpoint
+
+__all__ = ["TokenGridBlock", "TokenGridVisionTransformer", "filter_vit_checkpoint"]
 
 
 class TokenGridBlock(nn.Module):
@@ -183,3 +186,28 @@ class TokenGridVisionTransformer(VisionTransformer):
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates
+
+
+def filter_vit_checkpoint(state_dict: Mapping[str, Any], model: VisionTransformer, prefer_ema: bool = False,
+                          renames: Sequence[Tuple[str, str]] = ()) -> Dict[str, torch.Tensor]:
+    """A ViT checkpoint made loadable into ``model``.
+
+    Takes a training container (``{'model': sd, 'optimizer': ..., 'state_dict_ema': ...}``; the
+    raw ``'model'`` weights unless ``prefer_ema``) or a plain state dict, drops non-tensor entries,
+    strips ``module.``, applies the ``(pattern, replacement)`` key ``renames`` and resamples
+    ``pos_embed`` (timm's bicubic resampling, prefix entries kept) when it was trained for another
+    grid than the model's ``img_size``. Native state dicts pass through unchanged.
+    """
+    state_dict = unwrap_checkpoint(state_dict, prefer_ema=prefer_ema)
+    out = {}
+    for k, v in state_dict.items():
+        if not isinstance(v, torch.Tensor):
+            continue
+        k = re.sub(r"^module\.", "", k)
+        for pattern, repl in renames:
+            k = re.sub(pattern, repl, k)
+        if k == "pos_embed" and model.pos_embed is not None and v.shape != model.pos_embed.shape:
+            prefix = 0 if model.no_embed_class else model.num_prefix_tokens
+            v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
+        out[k] = v
+    return out

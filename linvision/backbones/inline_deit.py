@@ -30,18 +30,16 @@ ignores it): the cfgs below say so (``crop_mode='squash'``, ``crop_pct = S/⌊25
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Mapping, Tuple
 
 import torch
 from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import resample_abs_pos_embed
 from timm.models import generate_default_cfgs, register_model
 
 from ..attn import InjectiveLinearAttention
-from ._builder import build_model_with_cfg, unwrap_checkpoint
-from ._vit import TokenGridVisionTransformer
+from ._builder import build_model_with_cfg
+from ._vit import TokenGridVisionTransformer, filter_vit_checkpoint
 
 __all__ = ["InLineAttention", "checkpoint_filter_fn"]
 
@@ -77,27 +75,21 @@ class InLineAttention(nn.Module):
 
 
 # ------------------------------------------------------------------- official checkpoints
+# The official keys are ours except the kernel generator, which lives in the mixer here.
+_OFFICIAL_RENAMES = ((r"^(blocks\.\d+\.attn\.)residual\.", r"\1mixer.residual."),)
+
+
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: TokenGridVisionTransformer,
                          prefer_ema: bool = False) -> Dict[str, torch.Tensor]:
     """timm's ``pretrained_filter_fn`` for official InLine-DeiT checkpoints (and native ones).
 
     Takes a training container (``{'model': sd, 'optimizer': ..., 'state_dict_ema': ...}``; the
-    raw ``'model'`` weights unless ``prefer_ema``) or a plain state dict, strips ``module.``,
-    moves ``attn.residual`` under ``attn.mixer`` and resamples ``pos_embed`` (bicubic, cls entry
-    kept) when the checkpoint was trained at another size than the model's ``img_size``.
+    raw ``'model'`` weights, which the official evaluation reads, unless ``prefer_ema``) or a plain
+    state dict, strips ``module.``, moves ``attn.residual`` under ``attn.mixer`` and resamples
+    ``pos_embed`` (bicubic, cls entry kept) when the checkpoint was trained at another size than
+    the model's ``img_size``.
     """
-    state_dict = unwrap_checkpoint(state_dict, prefer_ema=prefer_ema)
-    out = {}
-    for k, v in state_dict.items():
-        if not isinstance(v, torch.Tensor):
-            continue
-        k = re.sub(r"^module\.", "", k)
-        k = re.sub(r"^(blocks\.\d+\.attn\.)residual\.", r"\1mixer.residual.", k)
-        if k == "pos_embed" and v.shape != model.pos_embed.shape:
-            prefix = 0 if model.no_embed_class else model.num_prefix_tokens
-            v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)
-        out[k] = v
-    return out
+    return filter_vit_checkpoint(state_dict, model, prefer_ema=prefer_ema, renames=_OFFICIAL_RENAMES)
 
 
 # ------------------------------------------------------------------- builders and cfgs
