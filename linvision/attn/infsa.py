@@ -52,13 +52,15 @@ class InfiniteSelfAttention(nn.Module):
         rho_init: initial discount ρ ∈ (0, 1) (official default 0.95).
         rho_trainable: whether ρ is learned (the official README's intent; default True).
         eps: the official 1e-6 of every normalisation.
+        num_prefix_tokens: tokens (e.g. a ViT's cls) in front of the ``H×W`` patch tokens. InfSA
+            treats every token alike, so this only sets the expected ``N = prefix + H·W``.
     Parameter: ``rho_logit`` (scalar), the official name.
     """
 
     uses_rope = False
 
     def __init__(self, dim: int, num_heads: int, *, form: str = "linear", rho_init: float = 0.95,
-                 rho_trainable: bool = True, eps: float = 1e-6, backend: str = "auto"):
+                 rho_trainable: bool = True, eps: float = 1e-6, num_prefix_tokens: int = 0, backend: str = "auto"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -66,9 +68,12 @@ class InfiniteSelfAttention(nn.Module):
             raise ValueError(f"form must be one of {INFSA_FORMS}, got {form!r}")
         if not 0.0 < rho_init < 1.0:
             raise ValueError(f"rho_init must lie in (0, 1), got {rho_init}")
+        if num_prefix_tokens < 0:
+            raise ValueError(f"num_prefix_tokens must be >= 0, got {num_prefix_tokens}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.form = form
         self.eps = eps
+        self.num_prefix_tokens = num_prefix_tokens
         self.backend = backend
         self.rho_logit = nn.Parameter(torch.tensor(math.log(rho_init / (1.0 - rho_init))),
                                       requires_grad=rho_trainable)
@@ -97,9 +102,11 @@ class InfiniteSelfAttention(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
                 rope: Optional[RopeGrid] = None) -> Tensor:
-        """``q, k, v``: raw ``(B, heads, N, d)`` projections with ``N = H·W``. The official module
-        accepts masks and ignores them (bidirectional); there is none here. ``rope`` is ignored."""
-        check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw)
+        """``q, k, v``: raw ``(B, heads, N, d)`` projections with ``N = num_prefix_tokens + H·W``. The
+        official module accepts masks and ignores them (bidirectional); there is none here. ``rope``
+        is ignored."""
+        check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw,
+                           num_prefix_tokens=self.num_prefix_tokens)
         with torch.autocast(device_type=q.device.type, enabled=False):
             if self.form == "pure":
                 attn = self.pure_operator(q, k)

@@ -1,5 +1,5 @@
 """timm-registered model families (importing this module registers every model)."""
-from . import cswin, linvit, qtvit
+from . import cswin, infvit, inline_deit, linvit, qtvit
 from .linvit import LinViT
 
-__all__ = ["LinViT", "linvit"]
+__all__ = ["LinViT", "cswin", "infvit", "inline_deit", "linvit", "qtvit"]
