@@ -300,11 +300,14 @@ def _cfg(**kwargs) -> Dict:
 
 
 def _release(drive_id: str, host: str, top1: float, top5: float, params: str, macs: str, **kwargs) -> Dict:
+    # `url` is the Drive page (a browser is needed): pretrained=True says so and names the
+    # tools/convert.py line that stores the downloaded file.
     link = f"https://drive.google.com/file/d/{drive_id}/view"
     return _cfg(
+        url=link,
         description=f"QT-ViT on EfficientViT-{host}, ImageNet-1k top-1 {top1} / top-5 {top5} at 224 "
                     f"(authors' README), {params} params, {macs} MACs",
-        notes=(f"weights: {link} (Google Drive, needs a browser; load the downloaded file with "
+        notes=(f"weights: {link} (Google Drive, needs a browser; then tools/convert.py FILE --name TAG, or "
                "pretrained_cfg_overlay=dict(file=...))",
                "official checkpoint: {'state_dict': ...} in the official EfficientViT naming; "
                "checkpoint_filter_fn converts it"),
