@@ -69,6 +69,26 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
+class ResidualDepthwiseConv(nn.Conv2d):
+    """``x + DWConv(x)`` computed as ONE depthwise conv whose kernel has 1 added to its centre tap.
+
+    The sum is the same function (``x + W * x + b = (W + δ) * x + b``), so parameters, state-dict
+    keys and gradients are those of the plain conv, but the residual add — a full read and write of
+    the activation — disappears (it is the largest saving in memory-bound blocks at high
+    resolution). Under bf16 autocast the centre tap ``1 + w`` is rounded to bf16, an error of the
+    same order as rounding the separate sum.
+    """
+
+    def __init__(self, dim: int, kernel_size: int):
+        super().__init__(dim, dim, kernel_size, 1, kernel_size // 2, groups=dim)
+        centre = torch.zeros(dim, 1, kernel_size, kernel_size)
+        centre[:, :, kernel_size // 2, kernel_size // 2] = 1.0
+        self.register_buffer("centre", centre, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight + self.centre, self.bias)
+
+
 class ConvFfn(nn.Module):
     """1×1 conv → GELU → (y + DWConv3×3(y)) → 1×1 conv (spec §2.4)."""
 
@@ -76,13 +96,11 @@ class ConvFfn(nn.Module):
         super().__init__()
         self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
         self.act = nn.GELU()
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
+        self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
         self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.fc1(x))
-        x = x + self.dwconv(x)
-        return self.fc2(x)
+        return self.fc2(self.dwconv(self.act(self.fc1(x))))
 
 
 class GatedAttention(nn.Module):
@@ -114,16 +132,25 @@ class GatedAttention(nn.Module):
         return self.proj((u + lepe) * o)
 
 
+class AutocastLayerNorm2d(LayerNorm2d):
+    """timm's LayerNorm2d run in the autocast dtype (fp32 statistics inside the kernel) instead of
+    autocast's fp32 output, which the next conv would cast back: one pass instead of three."""
+
+    def __init__(self, num_channels: int, eps: float = 1e-6):
+        super().__init__(num_channels, eps=eps)
+        self._fast_norm = True
+
+
 class LinViTBlock(nn.Module):
     """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path (spec §2.4)."""
 
     def __init__(self, dim: int, num_heads: int, attn: str, mlp_ratio: float = 3.5,
                  layer_scale_init: float = 1.0, drop_path: float = 0.0):
         super().__init__()
-        self.cpe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
-        self.norm1 = LayerNorm2d(dim, eps=1e-6)
+        self.cpe = ResidualDepthwiseConv(dim, 3)     # x + CPE(x)
+        self.norm1 = AutocastLayerNorm2d(dim, eps=1e-6)
         self.attn = GatedAttention(dim, num_heads, attn)
-        self.norm2 = LayerNorm2d(dim, eps=1e-6)
+        self.norm2 = AutocastLayerNorm2d(dim, eps=1e-6)
         self.mlp = ConvFfn(dim, int(mlp_ratio * dim))
         # Official shape (1, C, 1, 1): checkpoints load as they are, and (as in the official recipe)
         # timm's default optimizer filter weight-decays them.
@@ -131,11 +158,18 @@ class LinViTBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init)))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
+    def _add_scaled(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """``x + drop_path(γ·y)``; without drop path one fused ``addcmul`` in ``y``'s dtype (under
+        autocast the residual stream stays in the autocast dtype instead of being promoted to fp32
+        by the fp32 γ, which would double every later read and write of it)."""
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return x + self.drop_path(gamma * y)
+        return torch.addcmul(x.to(y.dtype), gamma.to(y.dtype), y)
+
     def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
-        x = x + self.cpe(x)
-        x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x), rope))
-        x = x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
-        return x
+        x = self.cpe(x)
+        x = self._add_scaled(x, self.attn(self.norm1(x), rope), self.gamma_1)
+        return self._add_scaled(x, self.mlp(self.norm2(x)), self.gamma_2)
 
 
 class LinViTStage(nn.Module):
@@ -230,6 +264,10 @@ class LinViT(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(projection, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+        # channels_last is the model's own layout: every op here is a conv, a per-pixel norm or an
+        # elementwise op, all of which read NHWC fastest, and the attention core takes q, k, v as
+        # strided views of an NHWC projection without a copy. Inputs are converted on entry.
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -273,10 +311,12 @@ class LinViT(nn.Module):
             self.global_pool_layer = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _check_input(self, x: torch.Tensor) -> None:
+    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Validate an image batch and return it in the model's layout (channels_last)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected an image batch of shape (B, {self.in_chans}, H, W), "
                              f"got {tuple(x.shape)}")
+        return x.contiguous(memory_format=torch.channels_last)
 
     def _forward_head_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.act_head(self.norm_head(self.conv_head(x)))
@@ -297,7 +337,7 @@ class LinViT(nn.Module):
         """
         if output_fmt != "NCHW":
             raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        self._check_input(x)
+        x = self._check_input(x)
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
         stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index + 1]
@@ -324,8 +364,8 @@ class LinViT(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, in_chans, H, W)`` → ``(B, projection, ⌈H/32⌉, ⌈W/32⌉)``."""
-        self._check_input(x)
+        """``(B, in_chans, H, W)`` → ``(B, projection, ⌈H/32⌉, ⌈W/32⌉)`` (channels_last memory)."""
+        x = self._check_input(x)
         x = self.stem(x)
         x = self.stages(x)
         return self._forward_head_features(x)
