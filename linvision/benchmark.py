@@ -16,8 +16,10 @@ A *case* is (model, resolution, batch size, mode). For each one the benchmark pr
 * ``compile_s`` (with ``compile``: the wall time of the first call, which compiles), ``cuda_graph``;
 * with a reference model (``compare``): ``ref_model``, ``ref_img_per_s``, ``speedup_vs_ref`` (this model's
   img/s over the reference's in the same case, measured in the same process) and ``mem_vs_ref``;
-* ``device``, ``torch``, ``timm``, ``triton``, ``linvision``, ``cuda``, ``triton_autotune`` (the mode of
-  ``LINVISION_TRITON_AUTOTUNE``) and ``options`` (every option of the run).
+* ``device``, ``torch``, ``timm``, ``triton``, ``linvision``, ``cuda``, ``triton_autotune`` (how the Triton
+  kernels choose configs: ``default``, ``tune`` or ``fixed``, see ``linvision.attn.ops.autotune``; with
+  ``LINVISION_TRITON_AUTOTUNE=1`` the warm-up calls tune any kernel key not cached yet) and ``options``
+  (every option of the run).
 
 Inference runs under ``torch.inference_mode``; a training step is forward, cross-entropy loss on random
 labels, backward, AdamW step and ``zero_grad(set_to_none=True)`` (a ``GradScaler`` for float16). Both run
@@ -40,7 +42,6 @@ import gc
 import importlib.metadata
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -415,9 +416,13 @@ def environment(device: torch.device) -> Dict[str, Any]:
     else:
         import platform
         name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    try:
+        from linvision.attn.ops import autotune
+        tuning = autotune.autotune_mode()
+    except (ImportError, ValueError) as e:      # no Triton, or a bad LINVISION_TRITON_AUTOTUNE
+        tuning = one_line(e)
     return {"device": name, "torch": torch.__version__, "timm": timm.__version__, "triton": _version("triton"),
-            "linvision": linvision.__version__, "cuda": torch.version.cuda,
-            "triton_autotune": os.environ.get("LINVISION_TRITON_AUTOTUNE") or "default"}
+            "linvision": linvision.__version__, "cuda": torch.version.cuda, "triton_autotune": tuning}
 
 
 def _models_in_order(models: Sequence[str], reference: Optional[str]) -> List[str]:

@@ -100,8 +100,8 @@ def test_entries_of_another_gpu_or_triton_version_are_not_used(tmp_path):
     _store(cache, _config(128, True, 4), device=("NVIDIA H100 80GB HBM3", "9.1"))
     config, source = _select(cache)
     assert source == "default" and _same(config, autotune.default_config("_state_kernel", KEY))
-    other = autotune.select_config("_state_kernel", "other-source", KEY, DTYPES, KWARGS, ("NVIDIA A100-SXM4-80GB", "8.0"),
-                                   cache=cache, mode="default")
+    other = autotune.select_config("_state_kernel", "other-source", KEY, DTYPES, KWARGS,
+                                   ("NVIDIA A100-SXM4-80GB", "8.0"), cache=cache, mode="default")
     assert other[1] == "default", "an entry tuned for another kernel source was used"
 
 

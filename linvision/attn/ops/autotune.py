@@ -102,8 +102,9 @@ def tuning(retune: bool = False) -> Iterator[None]:
     cache) are forgotten first, so that the block benchmarks them; afterwards the tuned configs stay in use."""
     global _override
     if INTERPRETING or IMPORT_MODE == "fixed":
-        raise RuntimeError("cannot tune: the kernels were imported with one fixed config "
-                           f"({'TRITON_INTERPRET=1' if INTERPRETING else _ENV + '=0'}); unset it and start a new process")
+        setting = "TRITON_INTERPRET=1" if INTERPRETING else _ENV + "=0"
+        raise RuntimeError(f"cannot tune: the kernels were imported with one fixed config ({setting}); "
+                           "unset it and start a new process")
     from . import common
     common.forget_choices(("default", "cached") if retune else ("default",))
     previous, _override = _override, ("tune", retune)

@@ -354,8 +354,6 @@ def _choose_config(kernel, grid, args: tuple, consts: dict, named: dict, tune_ke
 
     def tune():
         nonlocal launched
-        if torch.cuda.is_current_stream_capturing():
-            return None
         if preceding_pass is None:
             kernel[grid](*args, **consts)      # benchmarks every config, then launches the fastest
             launched = True
