@@ -653,7 +653,8 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per case")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per case (median reported)")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds of timed calls per case (fewer than --iters if the budget runs out)")
+                        help="seconds of timed calls per case: fewer than --iters when the warm-up's pace says "
+                             "they would take longer (needs --warmup >= 1)")
     parser.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda if available)")
     parser.add_argument("--cold-start", action="store_true",
                         help="also time each model's first forward (and training step) at each resolution")
