@@ -7,6 +7,14 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+if "LINVISION_HOME" not in os.environ:
+    # Tests (and the processes they start) never read or write the user's cache of tuned Triton configs
+    # (linvision.attn.ops.autotune keeps it under $LINVISION_HOME).
+    import atexit
+    import shutil
+    import tempfile
+    os.environ["LINVISION_HOME"] = tempfile.mkdtemp(prefix="linvision_test_home_")
+    atexit.register(shutil.rmtree, os.environ["LINVISION_HOME"], ignore_errors=True)
 
 import torch  # noqa: E402
 

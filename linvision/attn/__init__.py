@@ -1,6 +1,8 @@
 """The shared linear-attention core and one token-mixer module per mechanism.
 
 ``linear_attention`` is the single functional entry point (see :mod:`linvision.attn.core`);
+``tune(model, x)`` benchmarks the Triton kernels' configs for a model and caches them on disk
+(:mod:`linvision.attn.tuning`);
 ``MIXERS`` maps a mechanism name to its token-mixer class. Every mixer is built as
 ``cls(dim, num_heads, **kwargs)`` and called as ``mixer(q, k, v, hw=(H, W), rope=RopeGrid|None)``
 on ``(B, heads, N, head_dim)`` tensors, returning ``(B, heads, N, head_dim)``.
@@ -19,6 +21,7 @@ from .qt_taylor import QuadraticTaylorAttention
 from .rala import RankAugmentedLinearAttention, global_query_key_weights
 from .rope import Rope2d, RopeGrid, apply_rope, rope_angle, rope_tables
 from .softmax import SoftmaxAttention
+from .tuning import tune
 
 MIXERS: Dict[str, Type[nn.Module]] = {
     "mala": MagnitudeAwareLinearAttention,
@@ -40,7 +43,7 @@ def create_mixer(name: str, dim: int, num_heads: int, **kwargs) -> nn.Module:
 
 
 __all__ = [
-    "linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "MIXERS", "create_mixer",
+    "linear_attention", "tune", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "MIXERS", "create_mixer",
     "MagnitudeAwareLinearAttention", "RankAugmentedLinearAttention", "SoftmaxAttention",
     "FocusedLinearAttention", "InjectiveLinearAttention", "QuadraticTaylorAttention", "MirrorLinearAttention",
     "InfiniteSelfAttention",

@@ -6,9 +6,10 @@
   grid width (no sin/cos tables in HBM); ``INVERSE`` applies ``Rᵀ`` (for gradients).
 * launch policy: how many programs split the token axis (``reduce_splits``/``token_grid``) and
   the autotune config lists (one config under ``TRITON_INTERPRET=1``, whose autotuner cannot bench).
-* launching: compiled kernels kept and launched directly (``launch``, ``KernelCall``); second passes
-  tuned together with the pass they depend on (``tune_after``), timed from CUDA graphs with L2 evicted
-  (``capture_graph``, ``time_clean``, which ``tools/benchmark_attn.py`` uses too).
+* launching: each kernel's config chosen once per key (``launch``; default, cached on disk or tuned,
+  see :mod:`.autotune`), compiled kernels kept and launched directly (``launch``, ``KernelCall``); second
+  passes tuned together with the pass they depend on (``tune_after``), timed from CUDA graphs with L2
+  evicted (``capture_graph``, ``time_clean``, which ``tools/benchmark_attn.py`` uses too).
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import triton
 import triton.compiler.errors
 import triton.language as tl
 import triton.runtime.errors
+
+from . import autotune
 
 FEATURE_IDS = {"identity": 0, "relu": 1, "elu1": 2}
 NORMALIZATION_IDS = {"division": 0, "magnitude_aware": 1, "injective": 2, "none": 3}
@@ -46,32 +49,22 @@ DOT_MODES = {"tf32x3": 0, "tf32": 1, "bf16": 2}
 # Read once: both must be set before this module is imported (Triton reads TRITON_INTERPRET then too).
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DOT_OVERRIDE = os.environ.get("LINVISION_TRITON_DOT")
-# Tile order of the single config used when not autotuning (tests run the suite once per order).
-_TEST_TILE_ORDER = os.environ.get("LINVISION_TRITON_TILE_ORDER", "contiguous")
-if _TEST_TILE_ORDER not in ("contiguous", "strided"):
-    raise ValueError(f"LINVISION_TRITON_TILE_ORDER must be 'contiguous' or 'strided', got {_TEST_TILE_ORDER!r}")
+# Tile order of the fixed config (tests run the suite once per order; read in .autotune).
+_TEST_TILE_ORDER = autotune.FIXED_TILE_ORDER
 
 
 def autotune_configs(kind: str) -> List[triton.Config]:
-    """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``).
+    """Autotune configs for a kernel kind (``"reduce"`` or ``"token"``): the ones ``tune`` mode may benchmark.
 
-    One config under the interpreter (its autotuner needs a GPU driver to bench) or when
-    ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests; its tile order from
-    ``LINVISION_TRITON_TILE_ORDER``); otherwise a small sweep over the token-tile size ``BN``, warps,
-    pipeline depth and tile order (``STRIDED``, see :func:`tile_range`).
+    One config (``autotune.fixed_config``) under the interpreter (its autotuner needs a GPU driver to bench)
+    or when the kernels are imported with ``LINVISION_TRITON_AUTOTUNE=0`` (fast compiles for tests; its tile
+    order from ``LINVISION_TRITON_TILE_ORDER``); otherwise ``autotune.sweep_configs(kind)``, a small sweep
+    over the token-tile size ``BN``, warps, pipeline depth and tile order (``STRIDED``, see :func:`tile_range`).
+    Which of them runs is chosen per key by :func:`launch` (see :mod:`.autotune`).
     """
-    if INTERPRETING or os.environ.get("LINVISION_TRITON_AUTOTUNE", "1") == "0":
-        return [triton.Config({"BN": 64, "STRIDED": _TEST_TILE_ORDER == "strided"}, num_warps=4, num_stages=1)]
-    if kind == "reduce":
-        # 2-warp configs win for narrow heads: the q-side backward at d = 32 takes 35 µs with (32, 2, 1)
-        # against 46 µs with 4 warps (H100, (32,3,3136,32) bf16; docs/kernels.md).
-        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (64, 8, 2), (64, 2, 1), (32, 4, 1), (32, 2, 1)]
-        strided = [(64, 4, 1), (32, 2, 1)]
-    else:
-        shapes = [(64, 4, 1), (128, 4, 1), (128, 8, 1), (256, 8, 1)]
-        strided = [(64, 4, 1)]
-    return ([triton.Config({"BN": bn, "STRIDED": False}, num_warps=w, num_stages=s) for bn, w, s in shapes]
-            + [triton.Config({"BN": bn, "STRIDED": True}, num_warps=w, num_stages=s) for bn, w, s in strided])
+    if autotune.IMPORT_MODE == "fixed":
+        return [autotune.fixed_config()]
+    return autotune.sweep_configs(kind)
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,7 +164,9 @@ def dot_mode(*tensors: torch.Tensor) -> int:
     return DOT_MODES["tf32"]
 
 
-_TUNED: dict = {}      # (kernel, autotune-key values, dtypes) -> the autotuner's chosen triton.Config
+_TUNED: dict = {}      # (kernel, autotune-key values, dtypes) -> the chosen triton.Config
+_SOURCES: dict = {}    # the same keys -> where the config came from: "fixed", "cached", "tuned" or "default"
+_KERNELS: dict = {}    # id -> the triton.autotune objects that launch() has chosen configs for
 _COMPILED: dict = {}   # (device, kernel, constexprs, argument specialisation) -> (CompiledKernel, tail, meta)
 _COMPILED_MAX = 4096   # entries before the direct-launch cache is cleared (one per shape/layout seen)
 
@@ -337,14 +332,73 @@ def tune_after(kernel, grid, args: tuple, consts: dict, preceding_pass: Callable
     return min(times, key=times.get)
 
 
+@functools.lru_cache(maxsize=None)
+def device_identity(device_index: int) -> tuple:
+    """``(GPU name, compute capability "9.0")`` of a CUDA device: what a cached config is tuned for."""
+    props = _properties(device_index)
+    return props.name, f"{props.major}.{props.minor}"
+
+
+def current_device_identity() -> tuple:
+    """:func:`device_identity` of the device Triton launches on now (a fixed pair under the interpreter)."""
+    if INTERPRETING:
+        return "triton interpreter", "0.0"
+    return device_identity(triton.runtime.driver.active.get_current_device())
+
+
+def _choose_config(kernel, grid, args: tuple, consts: dict, named: dict, tune_key: tuple,
+                   preceding_pass: Optional[Callable[[], object]]):
+    """The config for a key seen for the first time (``autotune.select_config``), and whether choosing it
+    has launched the kernel already (``triton.autotune`` runs the winner after benchmarking)."""
+    launched = False
+
+    def tune():
+        nonlocal launched
+        if preceding_pass is None:
+            kernel[grid](*args, **consts)      # benchmarks every config, then launches the fastest
+            launched = True
+            return kernel.best_config
+        return tune_after(kernel, grid, args, consts, preceding_pass)
+
+    mode = autotune.autotune_mode()
+    if mode == "tune" and len(kernel.configs) == 1:
+        mode = "fixed"                         # imported with one config: nothing to choose from
+    if mode == "fixed":
+        config, source = autotune.fixed_config(), "fixed"
+    else:
+        capturing = not INTERPRETING and torch.cuda.is_current_stream_capturing()
+        config, source = autotune.select_config(
+            kernel.fn.__name__, autotune.source_hash(kernel.fn), {k: named[k] for k in kernel.keys}, tune_key[2],
+            list(kernel.configs[0].kwargs), current_device_identity(), tune=None if capturing else tune, mode=mode)
+    _TUNED[tune_key], _SOURCES[tune_key], _KERNELS[id(kernel)] = config, source, kernel
+    autotune.STATS[source] += 1
+    return config, launched
+
+
+def forget_choices(sources=("default",)) -> None:
+    """Forget the configs chosen from ``sources`` and every kept kernel and launch plan (they hold the
+    configs), so that the next calls choose again (``autotune.tuning``). ``"cached"`` in ``sources`` also
+    clears ``triton.autotune``'s own in-memory results."""
+    for key in [k for k, source in _SOURCES.items() if source in sources]:
+        _TUNED.pop(key, None)
+        _SOURCES.pop(key, None)
+    if "cached" in sources:
+        for kernel in _KERNELS.values():
+            kernel.cache.clear()
+    _COMPILED.clear()
+    for plans in _PLAN_CACHES:
+        plans.clear()
+
+
 def launch(kernel, grid, args: tuple, consts: dict, preceding_pass: Optional[Callable[[], object]] = None
            ) -> Optional[Direct]:
     """Launch an autotuned kernel with the least host work. ``args``: its runtime arguments, tensors
     first, then ints/floats.
 
-    * First call for a (kernel, constexprs, dtypes) key: through ``triton.autotune``, which benchmarks
-      the configs and picks one — or, for a second pass given its ``preceding_pass``, by
-      :func:`tune_after` (each config timed together with the pass it depends on).
+    * First call for a (kernel, constexprs, dtypes) key: the config is chosen by the mode in force
+      (:mod:`.autotune`): the fixed one, the one cached on disk, the built-in default, or (``tune``)
+      benchmarked — through ``triton.autotune`` for first passes, by :func:`tune_after` for a second pass
+      given its ``preceding_pass`` (each config timed together with the pass it depends on).
     * First call for a new argument specialisation: ``JITFunction.run`` with that config (compiles or
       finds the binary) and the ``CompiledKernel`` is kept.
     * Every later call launches the kept ``CompiledKernel`` directly (:class:`Direct`).
@@ -370,13 +424,21 @@ def launch(kernel, grid, args: tuple, consts: dict, preceding_pass: Optional[Cal
                 tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor)))
     config = _TUNED.get(tune_key)
     if config is None:
-        if preceding_pass is None or len(kernel.configs) == 1 or torch.cuda.is_current_stream_capturing():
-            kernel[grid](*args, **consts)
-            _TUNED[tune_key] = kernel.best_config
+        config, launched = _choose_config(kernel, grid, args, consts, named, tune_key, preceding_pass)
+        if launched:
             return None
-        config = _TUNED[tune_key] = tune_after(kernel, grid, args, consts, preceding_pass)
     kwargs = {**consts, **config.all_kwargs()}
-    compiled = kernel.fn[grid](*args, **kwargs)
+    try:
+        compiled = kernel.fn[grid](*args, **kwargs)
+    except _CONFIG_ERRORS:
+        if _SOURCES.get(tune_key) != "default":
+            raise
+        # A default this GPU cannot build (fewer registers or less shared memory than an H100 has): the
+        # fixed config, which every kernel builds with on the GPUs tested.
+        config = _TUNED[tune_key] = autotune.fixed_config()
+        _SOURCES[tune_key] = "fixed"
+        kwargs = {**consts, **config.all_kwargs()}
+        compiled = kernel.fn[grid](*args, **kwargs)
     if DIRECT_LAUNCH and compiled is not None:
         names = kernel.fn.arg_names[len(args):]
         if all(name in kwargs for name in names):  # the constexprs, in signature order, after the runtime args
@@ -422,9 +484,16 @@ class KernelCall:
             self.direct = launch(self.kernel, self.grid, tensors + self.scalars, self.consts, preceding_pass)
 
 
+_PLAN_CACHES: list = []   # every PlanCache, for forget_choices
+
+
 class PlanCache(dict):
     """``key -> plan`` for one host function, cleared when it grows past ``_COMPILED_MAX`` entries (one
     per shape/layout/option set seen)."""
+
+    def __init__(self):
+        super().__init__()
+        _PLAN_CACHES.append(self)
 
     def put(self, key, plan):
         if len(self) >= _COMPILED_MAX:
