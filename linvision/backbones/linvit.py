@@ -69,6 +69,26 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
+class _AddCentreTap(torch.autograd.Function):
+    """``weight + centre`` whose gradient keeps the weight's exact strides.
+
+    A ``(C, 1, k, k)`` weight has two stride forms for the same memory (contiguous and channels_last
+    differ only in the size-1 dim); autograd would hand the weight the sum's form, and DDP warns and
+    copies a gradient whose strides differ from its parameter's.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+        ctx.weight_stride = weight.stride()
+        return weight + centre
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if grad.stride() != ctx.weight_stride:
+            grad = grad.contiguous().as_strided(grad.shape, ctx.weight_stride)
+        return grad, None
+
+
 class ResidualDepthwiseConv(nn.Conv2d):
     """``x + DWConv(x)`` computed as ONE depthwise conv whose kernel has 1 added to its centre tap.
 
@@ -86,7 +106,7 @@ class ResidualDepthwiseConv(nn.Conv2d):
         self.register_buffer("centre", centre, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight + self.centre, self.bias)
+        return self._conv_forward(x, _AddCentreTap.apply(self.weight, self.centre), self.bias)
 
 
 class ConvFfn(nn.Module):
@@ -266,8 +286,12 @@ class LinViT(nn.Module):
         self.apply(self._init_weights)
         # channels_last is the model's own layout: every op here is a conv, a per-pixel norm or an
         # elementwise op, all of which read NHWC fastest, and the attention core takes q, k, v as
-        # strided views of an NHWC projection without a copy. Inputs are converted on entry.
-        self.to(memory_format=torch.channels_last)
+        # strided views of an NHWC projection without a copy. Inputs are converted on entry. Only
+        # conv weights change layout: a (1, C, 1, 1) layer scale keeps the default one, the layout
+        # its gradient (a reduction) comes out in, so that DDP sees matching strides.
+        conv_weights = [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
+        for weight in conv_weights:
+            weight.data = weight.data.contiguous(memory_format=torch.channels_last)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

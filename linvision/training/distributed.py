@@ -189,6 +189,11 @@ def wrap_model(model: nn.Module, env: DistEnv, fsdp: bool = False, compile_mode:
     if env.distributed and fsdp:
         from torch.distributed.fsdp import fully_shard
         for m in (model,) + tuple(extra_fsdp):
+            # FSDP2 shards contiguous parameters only; channels_last conv weights (the LinViT
+            # family's own layout) go back to the default layout first.
+            for param in m.parameters():
+                if not param.is_contiguous():
+                    param.data = param.data.contiguous()
             for unit in fsdp_units(m):
                 fully_shard(unit)
             fully_shard(m)
