@@ -69,7 +69,8 @@ __all__ = [
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
     "resolve_data_config", "to_channels_last", "check_distributed_options", "build_loader", "build_loaders",
     "resolve_lr", "build_train_loss",
-    "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
+    "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint", "evaluate_many", "write_results",
+    "RESULT_COLUMNS",
 ]
 
 CONFIG_FILE = "config.yaml"
@@ -126,14 +127,15 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def resolve_data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
+def resolve_data_config(args: argparse.Namespace, model: nn.Module, use_test_size: bool = False) -> Dict[str, Any]:
     """timm's data config (input size, interpolation, mean/std, crop) from ``args`` and the model's
     pretrained cfg; ``args.img_size``/``input_size``/``mean``/``std``/``crop_pct``/
-    ``interpolation`` override. Mean/std are reduced to ``in_chans`` values when the model cfg has 3."""
+    ``interpolation`` override. Mean/std are reduced to ``in_chans`` values when the model cfg has 3.
+    ``use_test_size``: the cfg's ``test_input_size`` where it has one (timm's validate.py default)."""
     cfg = timm_resolve_data_config(
         {k: getattr(args, k, None) for k in ("in_chans", "img_size", "input_size", "crop_pct", "crop_mode",
                                              "interpolation", "mean", "std")},
-        model=model)
+        model=model, use_test_size=use_test_size)
     in_chans = cfg["input_size"][0]
     for key in ("mean", "std"):
         if len(cfg[key]) != in_chans:
@@ -1082,6 +1084,11 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
         except CheckpointError as e:
             raise InputError(str(e)) from None
         meta = read_weights_metadata(weights_file) if weights_file.name.endswith(".safetensors") else {}
+        if args.model:
+            try:
+                check_checkpoint_model(weights_file, args.model, allow=bool(getattr(args, "allow_model_mismatch", False)))
+            except CheckpointError as e:
+                raise InputError(str(e)) from None
         _apply_checkpoint_defaults(args, meta)
         if meta and use_ema and not meta.get("ema"):
             log(f"warning: --use-ema: no EMA weights beside {weights_file} ({ema_sibling(weights_file).name}); "
@@ -1092,14 +1099,16 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
         log("warning: neither --checkpoint nor --pretrained given: evaluating randomly initialised weights")
 
     amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
-    in_chans = args.in_chans or 3
+    in_chans = args.in_chans or (args.input_size[0] if getattr(args, "input_size", None) else 3)
     args.in_chans = in_chans
-    class_map = {c: i for i, c in enumerate(meta["classes"])} if meta.get("classes") else None
+    class_map = {c: i for i, c in enumerate(meta["classes"])} if meta.get("classes") else _class_map(args)
     split = _arg(args, "split", "val")
+    source = _dataset_kwargs(argparse.Namespace(**dict(vars(args), class_map=None)))["source_kwargs"]
     datasets, class_to_idx = create_datasets(
         args.data_dir, ("val",), in_chans=in_chans, class_map=class_map, allow_root=True,
         dataset=_arg(args, "dataset", ""), split_names={"val": split}, training_splits=(),
-        batch_size=args.batch_size, num_samples={"val": getattr(args, "num_samples", None)})
+        batch_size=args.batch_size, num_samples={"val": getattr(args, "num_samples", None)},
+        download=bool(_arg(args, "dataset_download", False)), source_kwargs=source)
     num_classes = _resolve_num_classes(args.num_classes, class_to_idx)
     if weights_file is not None and meta:
         model = build_model(args, num_classes, pretrained=False)
@@ -1121,12 +1130,17 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
                              f"{in_chans} input channels:\n{e}") from e
     else:
         model = build_model(args, num_classes)
+    if getattr(args, "reparam", False):
+        from timm.utils.model import reparameterize_model
+        model = reparameterize_model(model)
     model.to(device)
     channels_last = bool(_arg(args, "channels_last", False))
     if channels_last:
         to_channels_last(model)
-    data_config = resolve_data_config(args, model)
-    run_model = torch.compile(model) if getattr(args, "torchcompile", None) else model
+    data_config = resolve_data_config(args, model, use_test_size=not getattr(args, "use_train_size", True))
+    compile_mode, compile_backend = compile_settings(args)
+    run_model = model if compile_mode is None else torch.compile(
+        model, backend=compile_backend, mode=None if compile_mode == "default" else compile_mode)
 
     batch_size = args.batch_size
     while True:
@@ -1152,4 +1166,64 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     log(f"throughput: {metrics['img_per_sec']:.1f} img/s end to end (data loading included) at batch size "
         f"{batch_size} x {env.world_size} process(es) on {device}, amp {amp_dtype or 'off'}"
         f"{', channels_last' if channels_last else ''}{', compiled' if run_model is not model else ''}")
-    return dict(metrics, checkpoint=source, weights=used, model=args.model, batch_size=batch_size)
+    return dict(metrics, checkpoint=source, weights=used, model=args.model, batch_size=batch_size,
+                param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                img_size=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
+                interpolation=data_config["interpolation"])
+
+
+RESULT_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "loss", "param_count", "img_size", "crop_pct",
+                  "interpolation", "img_per_sec", "batch_size", "num_images", "checkpoint", "error")
+
+
+def evaluate_many(args: argparse.Namespace, jobs: List[tuple], log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """timm ``validate.py``'s bulk mode: :func:`evaluate_checkpoint` for every ``(model, checkpoint)``.
+
+    ``model`` ``None`` takes the name from the checkpoint; ``checkpoint`` ``None`` evaluates the
+    model's pretrained weights when ``args.pretrained``, else its random initialisation. A job that
+    fails (unknown model, unreadable file, weights that do not fit) gets a row with ``error`` and
+    the others go on.
+
+    Returns:
+        Rows with :data:`RESULT_COLUMNS`, sorted by top-1 (best first), failed ones last.
+    """
+    rows = []
+    for model_name, checkpoint in jobs:
+        job = argparse.Namespace(**vars(args))
+        job.model, job.checkpoint = model_name, checkpoint
+        label = " ".join(x for x in (model_name, checkpoint) if x)
+        try:
+            r = evaluate_checkpoint(job, log=log)
+        except (InputError, CheckpointError, RuntimeError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log(f"error: {label}: {message}")
+            rows.append({"model": model_name, "checkpoint": checkpoint, "error": message})
+            continue
+        rows.append({"model": r["model"], "top1": r["top1"], "top1_err": round(100 - r["top1"], 4),
+                     "top5": r["top5"], "top5_err": round(100 - r["top5"], 4), "loss": round(r["loss"], 6),
+                     "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": r["crop_pct"],
+                     "interpolation": r["interpolation"], "img_per_sec": round(r["img_per_sec"], 2),
+                     "batch_size": r["batch_size"], "num_images": r["num_images"], "checkpoint": r["weights"]})
+    return sorted(rows, key=lambda row: (row.get("top1") is None, -(row.get("top1") or 0.0)))
+
+
+def write_results(path: os.PathLike, rows: List[Mapping[str, Any]], fmt: str = "csv") -> Path:
+    """Write evaluation rows atomically as CSV (:data:`RESULT_COLUMNS`) or JSON (timm's ``--results-file``)."""
+    import csv
+    import io
+    import json
+    if fmt == "json":
+        text = json.dumps([_plain(dict(r)) for r in rows], indent=2) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in RESULT_COLUMNS})
+        text = buf.getvalue()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    from .checkpoint import atomic_write
+    return atomic_write(path, write)

@@ -420,7 +420,8 @@ def build_eval_loader(dataset, data_config: Mapping[str, Any], batch_size: int, 
     return create_loader(
         view, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
         interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"), num_workers=workers,
+        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"),
+        crop_border_pixels=_opt(args, "crop_border_pixels"), num_workers=workers,
         distributed=is_iterable(dataset) and env.distributed,
         pin_memory=bool(_opt(args, "pin_mem", env.device.type == "cuda")), device=env.device,
         use_prefetcher=use_prefetcher(args, env.device), persistent_workers=workers > 0)
