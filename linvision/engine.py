@@ -766,7 +766,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
             f"world size {env.world_size}, global batch {global_batch}, lr {lr:.6g}, torch {torch.__version__}, "
             f"timm {timm.__version__}"])
         # timm's train.py writes its arguments as args.yaml: the same settings under timm's file name.
-        save_config(_plain(vars(args)), output / TIMM_ARGS_FILE, header=[
+        save_config(_plain({k: v for k, v in vars(args).items() if k not in ("config", "set")}),
+                    output / TIMM_ARGS_FILE, header=[
             "the run's arguments under timm's file name (config.yaml holds the same; -c reads either)"])
         _init_wandb(args, output, monitor)
     n_params = sum(p.numel() for p in model.parameters())

@@ -286,6 +286,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.in_chans is None:
         args.in_chans = args.input_size[0] if args.input_size else 3
     args.output = run_dir(args.output, args.experiment, args.model)
+    args.experiment = ""  # consumed: the saved config names the run directory itself, and reads back as such
     import_device_modules(args.device_modules)
     return args
 

@@ -64,6 +64,8 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
         parser.error(str(e))
     actions = {a.dest: a for a in parser._actions}
     cfg = _alias_keys(parser, cfg)
+    # timm's args.yaml records its own -c as ``config: ''``: an empty entry names no second file.
+    cfg = {k: v for k, v in cfg.items() if not (k in NOT_CONFIG_KEYS and v in ("", None, []))}
     unknown = sorted(set(cfg) - set(actions) | set(cfg) & set(NOT_CONFIG_KEYS))
     if unknown:
         where = known.config if known.config else "--set"
