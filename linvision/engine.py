@@ -20,7 +20,11 @@ writes files and logs. Output directory (``--output``)::
     run_summary.json   best top-1, time, images/s, peak memory of the finished run
     checkpoints/       the last ``--keep-last`` checkpoint sets (step-N.{safetensors,ema.safetensors,state.pth,json})
     last.safetensors, last.ema.safetensors, last_state.pth, last.json   the newest set (hard links)
-    best.safetensors   weights (model or EMA, whichever scored) with the best val top-1
+    best.safetensors   weights (model or EMA, whichever scored) with the best ``--eval-metric`` (top-1)
+    args.yaml, model_best.safetensors   timm's names: the arguments, a hard link to best.safetensors
+
+SIGTERM/SIGUSR1 finish the step in progress, write a checkpoint set and return with
+``preempted=True`` (:mod:`linvision.training.preemption`).
 
 Resuming (``--resume auto``) restores weights, EMA, optimizer, scheduler position, loss scaler,
 counters and every rank's RNG states, and continues at the exact batch where the checkpoint was
