@@ -23,8 +23,11 @@ export HF_HUB_OFFLINE ?= 1
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# editable_mode=compat puts the checkout itself on sys.path (a .pth line). setuptools' default editable
+# mode installs an import hook that Python consults only after its path scan, so from the folder that
+# holds a clone named linvision, `import linvision` found that folder as an empty namespace package.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -e ".[dev,demo]"
+	$(PY) -m pip install --config-settings editable_mode=compat -e ".[dev,demo]"
 	touch $@
 
 install: $(STAMP)

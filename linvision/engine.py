@@ -20,7 +20,11 @@ writes files and logs. Output directory (``--output``)::
     run_summary.json   best top-1, time, images/s, peak memory of the finished run
     checkpoints/       the last ``--keep-last`` checkpoint sets (step-N.{safetensors,ema.safetensors,state.pth,json})
     last.safetensors, last.ema.safetensors, last_state.pth, last.json   the newest set (hard links)
-    best.safetensors   weights (model or EMA, whichever scored) with the best val top-1
+    best.safetensors   weights (model or EMA, whichever scored) with the best ``--eval-metric`` (top-1)
+    args.yaml, model_best.safetensors   timm's names: the arguments, a hard link to best.safetensors
+
+SIGTERM/SIGUSR1 finish the step in progress, write a checkpoint set and return with
+``preempted=True`` (:mod:`linvision.training.preemption`).
 
 Resuming (``--resume auto``) restores weights, EMA, optimizer, scheduler position, loss scaler,
 counters and every rank's RNG states, and continues at the exact batch where the checkpoint was
@@ -30,6 +34,7 @@ resumed run ends with bit-identical weights to an uninterrupted one (tested); se
 """
 import argparse
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -43,17 +48,19 @@ from tqdm import tqdm
 import timm
 from timm.data import resolve_data_config as timm_resolve_data_config
 from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
-from timm.scheduler import create_scheduler_v2
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import ModelEmaV3, NativeScaler, dispatch_clip_grad, distribute_bn, random_seed
 
 from .backbones._builder import unwrap_checkpoint
-from .checkpoint import capture_rng_state, read_weights_metadata, restore_rng_state, write_json
-from .serialization import CheckpointError, load_checkpoint_file
+from .checkpoint import atomic_link, capture_rng_state, read_weights_metadata, restore_rng_state, write_json
+from .serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file
 from .training.checkpoints import (BEST_WEIGHTS, LAST_EMA, LAST_MANIFEST, LAST_STATE, LAST_WEIGHTS, Checkpoint,
                                    CheckpointManager, ema_sibling, resolve_resume)
+from .training.cli import compile_settings
 from .training.common import InputError, plain as _plain
 from .training.config import save_config
+from .training.preemption import PreemptionHandler
 from .training.data import (build_eval_loader, build_train_loader, create_datasets, create_mixup, find_split_dir,
                             set_loader_epoch, train_sampler)
 from .training.distributed import (DistEnv, Wrapped, full_model_state, full_state, init_distributed,
@@ -62,15 +69,20 @@ from .training.monitor import SUMMARY, RunMonitor, peak_memory_mb
 
 __all__ = [
     "InputError", "LAST_WEIGHTS", "LAST_EMA", "LAST_STATE", "LAST_MANIFEST", "BEST_WEIGHTS", "SUMMARY",
-    "CONFIG_FILE", "RUN_SUMMARY",
+    "CONFIG_FILE", "RUN_SUMMARY", "TIMM_ARGS_FILE", "TIMM_BEST_ALIAS", "load_weights_file",
     "resolve_device", "resolve_amp_dtype", "find_split_dir", "create_datasets", "build_model",
     "resolve_data_config", "to_channels_last", "check_distributed_options", "build_loader", "build_loaders",
     "resolve_lr", "build_train_loss",
-    "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint",
+    "train_one_epoch", "evaluate", "resolve_resume", "train", "evaluate_checkpoint", "evaluate_many", "write_results",
+    "RESULT_COLUMNS",
 ]
 
 CONFIG_FILE = "config.yaml"
 RUN_SUMMARY = "run_summary.json"
+# timm train.py's names, written beside linvision's own: its arguments file, and the best weights
+# under timm's stem (a hard link to best.safetensors, no second copy).
+TIMM_ARGS_FILE = "args.yaml"
+TIMM_BEST_ALIAS = "model_best.safetensors"
 
 # Keys of a run's arguments that describe the model and its input; stored in every weights file so
 # that eval can rebuild the same model and preprocessing from the checkpoint alone.
@@ -119,14 +131,15 @@ def _autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def resolve_data_config(args: argparse.Namespace, model: nn.Module) -> Dict[str, Any]:
+def resolve_data_config(args: argparse.Namespace, model: nn.Module, use_test_size: bool = False) -> Dict[str, Any]:
     """timm's data config (input size, interpolation, mean/std, crop) from ``args`` and the model's
     pretrained cfg; ``args.img_size``/``input_size``/``mean``/``std``/``crop_pct``/
-    ``interpolation`` override. Mean/std are reduced to ``in_chans`` values when the model cfg has 3."""
+    ``interpolation`` override. Mean/std are reduced to ``in_chans`` values when the model cfg has 3.
+    ``use_test_size``: the cfg's ``test_input_size`` where it has one (timm's validate.py default)."""
     cfg = timm_resolve_data_config(
         {k: getattr(args, k, None) for k in ("in_chans", "img_size", "input_size", "crop_pct", "crop_mode",
                                              "interpolation", "mean", "std")},
-        model=model)
+        model=model, use_test_size=use_test_size)
     in_chans = cfg["input_size"][0]
     for key in ("mean", "std"):
         if len(cfg[key]) != in_chans:
@@ -167,11 +180,68 @@ def build_model(args: argparse.Namespace, num_classes: int, **overrides) -> nn.M
     if ":" not in args.model and not timm.is_model(args.model):
         close = timm.list_models(f"*{args.model.split('_')[0]}*")[:10]
         raise InputError(f"unknown model {args.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    # None values are dropped by timm.create_model, so models without e.g. bn_eps are unaffected.
     kwargs = dict(pretrained=getattr(args, "pretrained", False), num_classes=num_classes,
                   in_chans=getattr(args, "in_chans", None) or 3, drop_path_rate=getattr(args, "drop_path", None),
-                  drop_rate=getattr(args, "drop", None), **(getattr(args, "model_kwargs", None) or {}))
+                  drop_rate=getattr(args, "drop", None), drop_block_rate=getattr(args, "drop_block", None),
+                  global_pool=getattr(args, "gp", None), bn_momentum=getattr(args, "bn_momentum", None),
+                  bn_eps=getattr(args, "bn_eps", None), **(getattr(args, "model_kwargs", None) or {}))
     kwargs.update(overrides)
-    return timm.create_model(args.model, **kwargs)
+    if getattr(args, "fast_norm", False):
+        from timm.layers import set_fast_norm
+        set_fast_norm()
+    try:
+        model = timm.create_model(args.model, **kwargs)
+    except TypeError as e:
+        raise InputError(f"{args.model} does not take one of the options given ({e})") from e
+    head_scale, head_bias = getattr(args, "head_init_scale", None), getattr(args, "head_init_bias", None)
+    if head_scale is not None or head_bias is not None:
+        head = model.get_classifier()
+        with torch.no_grad():
+            if head_scale is not None and getattr(head, "weight", None) is not None:
+                head.weight.mul_(head_scale)
+            if head_bias is not None and getattr(head, "bias", None) is not None:
+                head.bias.fill_(head_bias)
+    return model
+
+
+def load_weights_file(args: argparse.Namespace, path: os.PathLike, num_classes: int, *, what: str,
+                      pretrained_semantics: bool = False, use_ema: Optional[bool] = None) -> nn.Module:
+    """Build ``args.model`` with the weights of ``path`` (read by :func:`load_checkpoint_file`).
+
+    A linvision ``.safetensors`` must have been written by the same model name unless
+    ``args.allow_model_mismatch``; it is loaded strictly. Other files (official ``.pth``, plain state
+    dicts) go through the model family's ``checkpoint_filter_fn``. ``pretrained_semantics``
+    (``--pretrained-path``) lets timm drop a classifier of another size, as for registry weights;
+    otherwise the classifier must fit (``--initial-checkpoint``, ``tools/eval.py``).
+
+    Raises:
+        InputError: missing, unsafe or damaged file, another model's file, or shapes that do not fit;
+            the message starts with ``what`` (the flag).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path}: no such file")
+    try:
+        written_by = check_checkpoint_model(path, args.model, allow=bool(getattr(args, "allow_model_mismatch", False)))
+        checkpoint = load_checkpoint_file(path)
+    except CheckpointError as e:
+        raise InputError(f"{what}: {e}") from None
+    in_chans = getattr(args, "in_chans", None) or 3
+    try:
+        if written_by and not pretrained_semantics:
+            model = build_model(args, num_classes, pretrained=False)
+            model.load_state_dict(checkpoint, strict=True)
+            return model
+        if use_ema is not None and isinstance(checkpoint, dict):
+            checkpoint = unwrap_checkpoint(checkpoint, prefer_ema=use_ema)
+        overlay = dict(state_dict=checkpoint)
+        if not pretrained_semantics:
+            overlay["num_classes"] = num_classes  # the classifier must fit: no silent re-initialisation
+        return build_model(args, num_classes, pretrained=True, pretrained_cfg_overlay=overlay)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise InputError(f"{what} {path} does not fit {args.model} with {num_classes} classes and "
+                         f"{in_chans} input channels:\n{e}") from e
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -198,7 +268,10 @@ def resolve_lr(args: argparse.Namespace, global_batch: int) -> float:
     if getattr(args, "lr", None) is not None:
         return float(args.lr)
     ratio = global_batch / _arg(args, "lr_base_size", 512)
-    if _arg(args, "lr_base_scale", "linear") == "sqrt":
+    scale = _arg(args, "lr_base_scale", "linear")
+    if not scale:  # timm's automatic choice
+        scale = "sqrt" if any(o in str(_arg(args, "opt", "")).lower() for o in ("ada", "lamb")) else "linear"
+    if scale == "sqrt":
         ratio = ratio ** 0.5
     return float(_arg(args, "lr_base", 5e-4)) * ratio
 
@@ -209,10 +282,12 @@ def build_train_loss(args: argparse.Namespace, mixup_active: bool) -> nn.Module:
     smoothing = _arg(args, "smoothing", 0.0)
     bce = _arg(args, "bce_loss", False)
     thresh = getattr(args, "bce_target_thresh", None)
+    bce_kw = dict(target_threshold=thresh, sum_classes=bool(_arg(args, "bce_sum", False)),
+                  pos_weight=getattr(args, "bce_pos_weight", None))
     if mixup_active:
-        return BinaryCrossEntropy(target_threshold=thresh) if bce else SoftTargetCrossEntropy()
+        return BinaryCrossEntropy(**bce_kw) if bce else SoftTargetCrossEntropy()
     if bce:
-        return BinaryCrossEntropy(smoothing=smoothing, target_threshold=thresh)
+        return BinaryCrossEntropy(smoothing=smoothing, **bce_kw)
     return LabelSmoothingCrossEntropy(smoothing=smoothing) if smoothing else nn.CrossEntropyLoss()
 
 
@@ -255,6 +330,7 @@ def train_one_epoch(
         meter: Optional[Mapping[str, float]] = None,
         on_update: Optional[Callable[[int, int, Callable[[], Dict[str, float]]], None]] = None,
         log: Optional[Callable[[str], None]] = None,
+        synchronize_step: bool = False,
 ) -> Dict[str, float]:
     """One pass over ``loader`` (from batch ``start_batch``), one optimizer update every
     ``grad_accum_steps`` batches.
@@ -280,6 +356,8 @@ def train_one_epoch(
         meter: ``{"loss_sum", "seen", "time"}`` of those batches, so the epoch's mean is exact.
         on_update: called after every update with ``(batches_done, num_updates, meter_fn)``
             (``meter_fn()`` returns the running meter); the loop saves checkpoints there.
+        synchronize_step: ``torch.cuda.synchronize()`` after every update (timm's
+            ``--synchronize-step``, for timing and debugging).
 
     Returns:
         ``{"loss": mean loss per image over all ranks, "lr", "img_per_sec" (all ranks),
@@ -344,6 +422,8 @@ def train_one_epoch(
                 scheduler.step_update(num_updates=num_updates)
             if model_ema is not None:
                 model_ema.update(w.bare, step=num_updates)
+            if synchronize_step and device.type == "cuda":
+                torch.cuda.synchronize(device)
             if on_update is not None:
                 on_update(batch_idx + 1, num_updates, running)
         bar.update(1)
@@ -492,9 +572,25 @@ def _epoch_line(epoch: int, epochs: int, train_m: Mapping[str, float], val_m: Op
                    f"time {train_m['time'] + extra:.1f}s")
 
 
+def _class_map(args: argparse.Namespace) -> Optional[Dict[str, int]]:
+    """``--class-map FILE`` (one class name per line, or ``name index``) as timm reads it."""
+    path = getattr(args, "class_map", None)
+    if not path:
+        return None
+    from timm.data.readers.class_map import load_class_map
+    try:
+        return dict(load_class_map(path))
+    except (OSError, AssertionError, ValueError) as e:
+        raise InputError(f"--class-map {path}: {e}") from e
+
+
 def _dataset_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
+    source = {k: getattr(args, k) for k in ("input_key", "target_key") if getattr(args, k, None)}
+    if getattr(args, "dataset_trust_remote_code", False):
+        source["trust_remote_code"] = True
     return dict(dataset=_arg(args, "dataset", ""), download=_arg(args, "dataset_download", False),
-                batch_size=args.batch_size, seed=_arg(args, "seed", 0),
+                batch_size=args.batch_size, seed=_arg(args, "seed", 0), class_map=_class_map(args),
+                source_kwargs=source,
                 split_names={"train": _arg(args, "train_split", "train"), "val": _arg(args, "val_split", "val")},
                 num_samples={"train": getattr(args, "train_num_samples", None),
                              "val": getattr(args, "val_num_samples", None)})
@@ -535,6 +631,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         "best_checkpoint", "last_checkpoint"}``.
     """
     run_start = time.perf_counter()
+    if getattr(args, "in_chans", None) is None:
+        args.in_chans = args.input_size[0] if getattr(args, "input_size", None) else 3
     env = init_distributed(getattr(args, "device", None), getattr(args, "dist_backend", None))
     device = env.device
     amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
@@ -555,7 +653,15 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     datasets, class_to_idx = create_datasets(args.data_dir, ("train", "val"), in_chans=args.in_chans,
                                              **_dataset_kwargs(args))
     num_classes = _resolve_num_classes(args.num_classes, class_to_idx)
-    model = build_model(args, num_classes)
+    if getattr(args, "initial_checkpoint", None):
+        model = load_weights_file(args, args.initial_checkpoint, num_classes, what="--initial-checkpoint")
+        say(f"initial weights from {args.initial_checkpoint}")
+    elif getattr(args, "pretrained_path", None):
+        model = load_weights_file(args, args.pretrained_path, num_classes, what="--pretrained-path",
+                                  pretrained_semantics=True)
+        say(f"pretrained weights from {args.pretrained_path}")
+    else:
+        model = build_model(args, num_classes)
     if _arg(args, "grad_checkpointing", False):
         model.set_grad_checkpointing(True)
     random_seed(args.seed, env.rank)
@@ -580,8 +686,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         # cannot mix: update tensor by tensor there.
         model_ema = ModelEmaV3(model, decay=decay, warmup_power=3 / 4, foreach=not fsdp,
                                use_warmup=bool(_arg(args, "model_ema_warmup", False)))
-    compile_mode = getattr(args, "torchcompile", None)
-    w = wrap_model(model, env, fsdp=fsdp, compile_mode=compile_mode,
+    compile_mode, compile_backend = compile_settings(args)
+    w = wrap_model(model, env, fsdp=fsdp, compile_mode=compile_mode, compile_backend=compile_backend,
                    broadcast_buffers=not _arg(args, "no_ddp_bb", False),
                    extra_fsdp=(model_ema.module,) if (fsdp and model_ema is not None) else ())
 
@@ -591,29 +697,24 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         say("warning: --fsdp with float16 uses the plain GradScaler, whose overflow check is per rank "
             "(untested); prefer --amp-dtype bfloat16")
     lr = resolve_lr(args, global_batch)
-    opt_kwargs = {}
-    if getattr(args, "opt_eps", None) is not None:
-        opt_kwargs["eps"] = args.opt_eps
-    if getattr(args, "opt_betas", None):
-        opt_kwargs["betas"] = tuple(args.opt_betas)
-    optimizer = create_optimizer_v2(w.bare, opt=args.opt, lr=lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum, layer_decay=getattr(args, "layer_decay", None),
-                                    **opt_kwargs)
+    opt_cfg = argparse.Namespace(**dict(vars(args), lr=lr, opt_args=dict(getattr(args, "opt_kwargs", None) or {})))
+    if getattr(opt_cfg, "opt_betas", None):
+        opt_cfg.opt_betas = tuple(opt_cfg.opt_betas)
+    optimizer = create_optimizer_v2(w.bare, **optimizer_kwargs(cfg=opt_cfg))
     scaler = NativeScaler(device=device.type) if amp_dtype == torch.float16 else None
 
     train_loader, val_loader = build_loaders(args, datasets, data_config, device, env)
     if len(train_loader) == 0:
         raise InputError(f"{args.data_dir}: the train split gives no batches")
     updates_per_epoch = math.ceil(len(train_loader) / accum)
-    sched_kwargs = {}
-    if getattr(args, "decay_epochs", None) is not None:
-        # Omitted otherwise: timm <= 1.0.29 defaults it to 90 and fails on an explicit None.
-        sched_kwargs["decay_epochs"] = args.decay_epochs
-    scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, cooldown_epochs=_arg(args, "cooldown_epochs", 0),
-        decay_rate=_arg(args, "decay_rate", 0.1), step_on_epochs=not _arg(args, "sched_on_updates", True),
-        updates_per_epoch=updates_per_epoch, **sched_kwargs)
+    if str(args.sched).lower() == "plateau":
+        raise InputError("--sched plateau is not supported: the loop sets the schedule from the update count "
+                         "(exact resume), which a metric-driven schedule cannot follow; use cosine, step, multistep...")
+    # timm's own translation of the flags; unset values (None) fall back to create_scheduler_v2's
+    # defaults (timm <= 1.0.29 also fails on an explicit decay_epochs=None).
+    sched_kwargs = {k: v for k, v in scheduler_kwargs(argparse.Namespace(**dict(
+        vars(args), sched_on_updates=_arg(args, "sched_on_updates", True)))).items() if v is not None}
+    scheduler, num_epochs = create_scheduler_v2(optimizer, **sched_kwargs, updates_per_epoch=updates_per_epoch)
     mixup_fn = create_mixup(args, num_classes)
     loss_fn = build_train_loss(args, mixup_fn is not None).to(device)
     sampler = train_sampler(train_loader)
@@ -622,7 +723,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
 
     # Resume
     start_epoch, start_batch, num_updates = 0, 0, 0
-    best: Dict[str, Any] = {"top1": None, "epoch": None, "source": None}
+    metric_name = _arg(args, "eval_metric", "top1")
+    best: Dict[str, Any] = {"top1": None, "epoch": None, "source": None, "metric": metric_name, "value": None}
     history: List[Dict[str, Any]] = []
     resume_meter: Optional[Dict[str, float]] = None
     found, problem = None, None
@@ -640,6 +742,9 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         state = restored["state"]
         start_epoch, start_batch, num_updates = state["next_epoch"], state["batches_done"], state["num_updates"]
         best, history = dict(restored["best"]), list(state.get("history") or [])
+        if best.get("metric", "top1") != metric_name:  # another --eval-metric than the checkpoint's run
+            best.update(top1=None, epoch=None, source=None, value=None)
+        best.update(metric=metric_name, value=best.get("value", best["top1"]))
         resume_meter = state.get("epoch_progress")
         if env.is_primary:
             manager.discard_newer(num_updates)
@@ -651,6 +756,11 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         say(f"resumed from {ckpt.path} at epoch {start_epoch + 1}/{num_epochs}"
             + (f", batch {start_batch}/{len(train_loader)}" if start_batch else "")
             + f" ({num_updates} updates done)")
+    if getattr(args, "start_epoch", None) is not None:
+        # timm's --start-epoch: wins over the resumed position; the schedule follows the epoch.
+        start_epoch, start_batch, resume_meter = int(args.start_epoch), 0, None
+        num_updates = start_epoch * updates_per_epoch
+        say(f"--start-epoch: starting at epoch {start_epoch + 1}/{num_epochs} ({num_updates} updates)")
     if scheduler is not None:
         scheduler.step_update(num_updates=num_updates)
 
@@ -659,6 +769,11 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
             f"resolved config of {args.model} (tools/train.py -c reads it back)",
             f"world size {env.world_size}, global batch {global_batch}, lr {lr:.6g}, torch {torch.__version__}, "
             f"timm {timm.__version__}"])
+        # timm's train.py writes its arguments as args.yaml: the same settings under timm's file name.
+        save_config(_plain({k: v for k, v in vars(args).items() if k not in ("config", "set")}),
+                    output / TIMM_ARGS_FILE, header=[
+            "the run's arguments under timm's file name (config.yaml holds the same; -c reads either)"])
+        _init_wandb(args, output, monitor)
     n_params = sum(p.numel() for p in model.parameters())
     say(f"{args.model}: {n_params / 1e6:.2f}M params, {num_classes} classes, input {tuple(data_config['input_size'])}, "
         f"{len(datasets['train'])} train / {len(datasets['val'])} val images, {num_epochs} epochs of "
@@ -679,8 +794,10 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
         if not env.is_primary:
             return
         if best_source is not None:
-            manager.save_best(ema_state if best_source == "ema" else model_state,
-                              dict(meta, epoch=next_epoch - 1, top1=best["top1"], source=best_source))
+            best_file = manager.save_best(ema_state if best_source == "ema" else model_state,
+                                          dict(meta, epoch=next_epoch - 1, top1=best["top1"], source=best_source,
+                                               eval_metric=best["metric"], metric_value=best["value"]))
+            atomic_link(best_file, output / TIMM_BEST_ALIAS)  # where a timm user looks (model_best.pth.tar)
         gen = _ema_generator(model_ema)
         state = {
             "format": "linvision.train_state/2",
@@ -700,67 +817,102 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
             "global_batch": global_batch,
             "args": _plain(vars(args)),
         }
-        manager.save(num_updates_box[0], model_state, state, dict(meta, epoch=next_epoch - 1), ema=ema_state)
+        saved_box[0] = manager.save(num_updates_box[0], model_state, state, dict(meta, epoch=next_epoch - 1),
+                                    ema=ema_state)
 
     num_updates_box = [num_updates]
+    saved_box: List[Optional[Path]] = [None]
     save_every = int(_arg(args, "save_every_steps", 0))
+    preempt = PreemptionHandler(env)
 
     def on_update(batches_done: int, updates: int, meter_fn) -> None:
         num_updates_box[0] = updates
-        if save_every and updates % save_every == 0 and batches_done < len(train_loader):
+        mid_epoch = batches_done < len(train_loader)
+        saved = bool(save_every and updates % save_every == 0 and mid_epoch)
+        if saved:
             checkpoint(epoch_box[0], batches_done, meter_fn())
+        if mid_epoch and preempt.should_stop(updates):
+            if not saved:
+                checkpoint(epoch_box[0], batches_done, meter_fn())
+            raise _Preempted(epoch_box[0], batches_done)
 
     epoch_box = [start_epoch]
     eval_interval = int(_arg(args, "eval_interval", 1))
     val_m = ema_m = None
     session = []
-    for epoch in range(start_epoch, num_epochs):
-        epoch_box[0] = epoch
-        set_loader_epoch(train_loader, epoch)
-        skip = start_batch if epoch == start_epoch else 0
-        if skip and sampler is not None:
-            sampler.skip(skip * args.batch_size)
-        if scheduler is not None:
-            scheduler.step(epoch)
-        if mixup_fn is not None and getattr(args, "mixup_off_epoch", None) and epoch >= args.mixup_off_epoch:
-            mixup_fn.mixup_enabled = False
-        train_m = train_one_epoch(
-            w.train, train_loader, optimizer, loss_fn, device, scheduler=scheduler, num_updates=num_updates_box[0],
-            amp_dtype=amp_dtype, clip_grad=getattr(args, "clip_grad", None), progress=args.progress and env.is_primary,
-            desc=f"epoch {epoch + 1}/{num_epochs}", log_interval=_arg(args, "log_interval", 50),
-            clip_mode=_arg(args, "clip_mode", "norm"), mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler,
-            grad_accum_steps=accum, channels_last=channels_last, wrapped=w, env=env, start_batch=skip,
-            meter=resume_meter if skip else None, on_update=on_update, log=say)
-        num_updates_box[0] = train_m["num_updates"]
-        dist_bn = _arg(args, "dist_bn", "reduce")
-        if env.distributed and not _arg(args, "sync_bn", False) and dist_bn in ("reduce", "broadcast"):
-            # BatchNorm statistics drift apart per rank; average (or copy rank 0's) once per epoch.
-            distribute_bn(w.bare, env.world_size, dist_bn == "reduce")
-            if model_ema is not None:
-                distribute_bn(model_ema.module, env.world_size, dist_bn == "reduce")
-        val_m = ema_m = None
-        if (eval_interval and (epoch + 1) % eval_interval == 0) or epoch == num_epochs - 1:
-            val_m = evaluate(w.eval, val_loader, device, amp_dtype, progress=args.progress and env.is_primary,
-                             env=env, lockstep=w.eval_needs_lockstep, channels_last=channels_last)
-            if model_ema is not None:
-                ema_m = evaluate(model_ema.module, val_loader, device, amp_dtype, desc="val (ema)",
-                                 progress=args.progress and env.is_primary, env=env,
-                                 lockstep=w.eval_needs_lockstep, channels_last=channels_last)
-        best_source = None
-        for source, m in (("model", val_m), ("ema", ema_m)):
-            if m is not None and (best["top1"] is None or m["top1"] > best["top1"]):
-                best, best_source = {"top1": m["top1"], "epoch": epoch, "source": source}, source
-        peak = peak_memory_mb(device)
-        row = {"epoch": epoch + 1, "train_loss": train_m["loss"], "img_per_sec": train_m["img_per_sec"],
-               "time": train_m["time"], "lr": train_m["lr"], "peak_mem_mb": peak,
-               "top1": (val_m or {}).get("top1"), "top5": (val_m or {}).get("top5"),
-               "ema_top1": (ema_m or {}).get("top1"), "ema_top5": (ema_m or {}).get("top5")}
-        history.append(row)
-        session.append(row)
-        checkpoint(epoch + 1, 0, None, best_source)
-        monitor.epoch(epoch, train_m, val_m, ema_m, train_m["lr"], peak, num_updates_box[0])
-        say(_epoch_line(epoch, num_epochs, train_m, val_m, ema_m))
-        resume_meter = None
+    stopped: Optional[_Preempted] = None
+    with preempt:
+        for epoch in range(start_epoch, num_epochs):
+            epoch_box[0] = epoch
+            set_loader_epoch(train_loader, epoch)
+            skip = start_batch if epoch == start_epoch else 0
+            if skip and sampler is not None:
+                sampler.skip(skip * args.batch_size)
+            if scheduler is not None:
+                scheduler.step(epoch)
+            if mixup_fn is not None and getattr(args, "mixup_off_epoch", None) and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            try:
+                train_m = train_one_epoch(
+                    w.train, train_loader, optimizer, loss_fn, device, scheduler=scheduler,
+                    num_updates=num_updates_box[0], amp_dtype=amp_dtype, clip_grad=getattr(args, "clip_grad", None),
+                    progress=args.progress and env.is_primary, desc=f"epoch {epoch + 1}/{num_epochs}",
+                    log_interval=_arg(args, "log_interval", 50), clip_mode=_arg(args, "clip_mode", "norm"),
+                    mixup_fn=mixup_fn, model_ema=model_ema, scaler=scaler, grad_accum_steps=accum,
+                    channels_last=channels_last, wrapped=w, env=env, start_batch=skip,
+                    meter=resume_meter if skip else None, on_update=on_update, log=say,
+                    synchronize_step=bool(_arg(args, "synchronize_step", False)))
+            except _Preempted as e:
+                stopped = e
+                break
+            num_updates_box[0] = train_m["num_updates"]
+            dist_bn = _arg(args, "dist_bn", "reduce")
+            if env.distributed and not _arg(args, "sync_bn", False) and dist_bn in ("reduce", "broadcast"):
+                # BatchNorm statistics drift apart per rank; average (or copy rank 0's) once per epoch.
+                distribute_bn(w.bare, env.world_size, dist_bn == "reduce")
+                if model_ema is not None:
+                    distribute_bn(model_ema.module, env.world_size, dist_bn == "reduce")
+            val_m = ema_m = None
+            if (eval_interval and (epoch + 1) % eval_interval == 0) or epoch == num_epochs - 1:
+                val_m = evaluate(w.eval, val_loader, device, amp_dtype, progress=args.progress and env.is_primary,
+                                 env=env, lockstep=w.eval_needs_lockstep, channels_last=channels_last)
+                if model_ema is not None:
+                    ema_m = evaluate(model_ema.module, val_loader, device, amp_dtype, desc="val (ema)",
+                                     progress=args.progress and env.is_primary, env=env,
+                                     lockstep=w.eval_needs_lockstep, channels_last=channels_last)
+            best_source = None
+            for source, m in (("model", val_m), ("ema", ema_m)):
+                if m is not None and _improves(m[metric_name], best["value"], metric_name):
+                    best = {"top1": m["top1"], "epoch": epoch, "source": source, "metric": metric_name,
+                            "value": m[metric_name]}
+                    best_source = source
+            peak = peak_memory_mb(device)
+            row = {"epoch": epoch + 1, "train_loss": train_m["loss"], "img_per_sec": train_m["img_per_sec"],
+                   "time": train_m["time"], "lr": train_m["lr"], "peak_mem_mb": peak,
+                   "top1": (val_m or {}).get("top1"), "top5": (val_m or {}).get("top5"),
+                   "ema_top1": (ema_m or {}).get("top1"), "ema_top5": (ema_m or {}).get("top5")}
+            history.append(row)
+            session.append(row)
+            checkpoint(epoch + 1, 0, None, best_source)
+            monitor.epoch(epoch, train_m, val_m, ema_m, train_m["lr"], peak, num_updates_box[0])
+            say(_epoch_line(epoch, num_epochs, train_m, val_m, ema_m))
+            resume_meter = None
+            if epoch + 1 < num_epochs and preempt.should_stop():  # a signal during evaluation
+                stopped = _Preempted(epoch + 1, 0)
+                break
+
+    best_path = output / BEST_WEIGHTS
+    if stopped is not None:
+        where = f"epoch {stopped.epoch + 1}, batch {stopped.batches_done}/{len(train_loader)}" if stopped.batches_done \
+            else f"the end of epoch {stopped.epoch}"
+        say(f"preempted by {preempt.signal_name}: checkpoint {saved_box[0]} written at {where} "
+            f"({num_updates_box[0]} updates); rerun the same command with --resume auto to continue")
+        monitor.close()
+        env.barrier()
+        return dict(preempted=True, signal=preempt.signal_name, checkpoint=saved_box[0], epoch=stopped.epoch,
+                    batches_done=stopped.batches_done, num_updates=num_updates_box[0], rank=env.rank,
+                    world_size=env.world_size, output=output, best_checkpoint=best_path,
+                    last_checkpoint=output / LAST_WEIGHTS)
 
     total_time = time.perf_counter() - run_start
     peak = peak_memory_mb(device)
@@ -768,23 +920,59 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print,
     summary = {
         "model": args.model, "best_top1": best["top1"],
         "best_epoch": None if best["epoch"] is None else best["epoch"] + 1, "best_source": best["source"],
+        "best_metric": metric_name, "best_metric_value": best["value"],
         "epochs_run": num_epochs - start_epoch, "num_updates": num_updates_box[0], "time": total_time,
         "img_per_sec": float(np.median(rates)) if rates else None, "peak_mem_mb": peak,
         "world_size": env.world_size, "global_batch": global_batch, "device": str(device),
-        "last": val_m, "last_ema": ema_m,
+        "last": val_m, "last_ema": ema_m, "preempted": False,
     }
-    best_path = output / BEST_WEIGHTS
     if env.is_primary:
         write_json(_plain(dict(summary, history=history)), output / RUN_SUMMARY)
         if best["top1"] is not None:
-            say(f"best val top-1 {best['top1']:.2f} ({best['source']}, epoch {best['epoch'] + 1}); checkpoint {best_path}")
+            say(f"best val {metric_name} {best['value']:.4g} (top-1 {best['top1']:.2f}, {best['source']}, "
+                f"epoch {best['epoch'] + 1})")
         say(f"done: {summary['epochs_run']} epochs in {_fmt_time(total_time)}, "
             + (f"{summary['img_per_sec']:.0f} img/s (median epoch, all ranks), " if rates else "")
             + f"peak memory {peak:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'RSS'}, rank 0)")
+        say(f"files: best weights {best_path} (also {TIMM_BEST_ALIAS}); resumable state {output / LAST_MANIFEST} "
+            f"(--resume auto); {len(manager.step_manifests())} checkpoint set(s) in {manager.dir}")
     monitor.close()
     env.barrier()  # nobody reads the output before rank 0 has written it
     return dict(summary, history=history, rank=env.rank, output=output, best_checkpoint=best_path,
                 last_checkpoint=output / LAST_WEIGHTS)
+
+
+class _Preempted(Exception):
+    """Raised from the update hook after the preemption checkpoint: unwinds the epoch loop."""
+
+    def __init__(self, epoch: int, batches_done: int):
+        super().__init__(f"preempted at epoch {epoch}, batch {batches_done}")
+        self.epoch, self.batches_done = epoch, batches_done
+
+
+def _improves(value: Optional[float], best: Optional[float], metric: str) -> bool:
+    if value is None:
+        return False
+    if best is None:
+        return True
+    return value < best if metric == "loss" else value > best
+
+
+def _init_wandb(args: argparse.Namespace, output: Path, monitor: RunMonitor) -> None:
+    """timm's ``--log-wandb``: a wandb run that receives every ``summary.csv`` row (rank 0 only)."""
+    if not getattr(args, "log_wandb", False):
+        return
+    try:
+        import wandb
+    except ImportError:
+        monitor.log("warning: --log-wandb: the wandb package is not installed (pip install wandb); "
+                    "metrics go to summary.csv only")
+        return
+    wandb.init(project=getattr(args, "wandb_project", None), name=output.name, config=_plain(vars(args)),
+               tags=getattr(args, "wandb_tags", None) or None,
+               resume="must" if getattr(args, "wandb_resume_id", "") else None,
+               id=getattr(args, "wandb_resume_id", "") or None)
+    monitor.log_wandb = True
 
 
 def _restore(ckpt: Checkpoint, args: argparse.Namespace, w: Wrapped, optimizer, scaler, model_ema,
@@ -794,15 +982,22 @@ def _restore(ckpt: Checkpoint, args: argparse.Namespace, w: Wrapped, optimizer, 
     loaded = ckpt.load()
     state = loaded["state"]
     trained_as = (state.get("args") or {}).get("model")
-    if trained_as != args.model:
-        raise InputError(f"--resume {ckpt.path} was trained as {trained_as!r}, not {args.model!r}")
+    if (trained_as or "").split(".")[0] != args.model.split(".")[0]:
+        if not getattr(args, "allow_model_mismatch", False):
+            raise InputError(f"--resume {ckpt.path} was written by model {trained_as!r}, not {args.model!r}; "
+                             f"pass --model {trained_as}, or --allow-model-mismatch to load it anyway")
+        say(f"warning: --allow-model-mismatch: resuming {args.model} from a checkpoint of {trained_as}")
+    resume_opt = not getattr(args, "no_resume_opt", False)
     if state["format"] == "linvision.train_state/1":  # epoch-end states before manifests
         state.update(next_epoch=state["epoch"] + 1, batches_done=0)
         optim = state["optimizer"]
         load_full_state(w.bare, None, loaded["weights"], None)
-        optimizer.load_state_dict(optim)
-    else:
+        if resume_opt:
+            optimizer.load_state_dict(optim)
+    elif resume_opt:
         load_full_state(w.bare, optimizer, loaded["weights"], state["optimizer"])
+    else:  # --no-resume-opt: weights and counters only; the optimizer starts afresh
+        load_full_state(w.bare, None, loaded["weights"], None)
     if model_ema is not None:
         if loaded["ema"] is not None:
             load_full_model_state(model_ema.module, loaded["ema"])
@@ -812,7 +1007,7 @@ def _restore(ckpt: Checkpoint, args: argparse.Namespace, w: Wrapped, optimizer, 
         gen = _ema_generator(model_ema)
         if gen is not None and state.get("ema_generator") is not None:
             gen.set_state(state["ema_generator"])
-    if scaler is not None and state.get("scaler"):
+    if scaler is not None and state.get("scaler") and resume_opt:
         scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     if isinstance(rng, dict):  # format 1: one process
@@ -824,7 +1019,8 @@ def _restore(ckpt: Checkpoint, args: argparse.Namespace, w: Wrapped, optimizer, 
             f"random streams are reseeded")
         random_seed(args.seed + state["num_updates"], env.rank)
     best = state.get("best") or {}
-    best = {"top1": best.get("top1"), "epoch": best.get("epoch"), "source": best.get("source", "model")}
+    best = {"top1": best.get("top1"), "epoch": best.get("epoch"), "source": best.get("source", "model"),
+            "metric": best.get("metric", "top1"), "value": best.get("value", best.get("top1"))}
     return {"state": state, "best": best}
 
 
@@ -893,6 +1089,11 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
         except CheckpointError as e:
             raise InputError(str(e)) from None
         meta = read_weights_metadata(weights_file) if weights_file.name.endswith(".safetensors") else {}
+        if args.model:
+            try:
+                check_checkpoint_model(weights_file, args.model, allow=bool(getattr(args, "allow_model_mismatch", False)))
+            except CheckpointError as e:
+                raise InputError(str(e)) from None
         _apply_checkpoint_defaults(args, meta)
         if meta and use_ema and not meta.get("ema"):
             log(f"warning: --use-ema: no EMA weights beside {weights_file} ({ema_sibling(weights_file).name}); "
@@ -903,14 +1104,16 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
         log("warning: neither --checkpoint nor --pretrained given: evaluating randomly initialised weights")
 
     amp_dtype = resolve_amp_dtype(args.amp, device, _arg(args, "amp_dtype", "bfloat16"))
-    in_chans = args.in_chans or 3
+    in_chans = args.in_chans or (args.input_size[0] if getattr(args, "input_size", None) else 3)
     args.in_chans = in_chans
-    class_map = {c: i for i, c in enumerate(meta["classes"])} if meta.get("classes") else None
+    class_map = {c: i for i, c in enumerate(meta["classes"])} if meta.get("classes") else _class_map(args)
     split = _arg(args, "split", "val")
+    source = _dataset_kwargs(argparse.Namespace(**dict(vars(args), class_map=None)))["source_kwargs"]
     datasets, class_to_idx = create_datasets(
         args.data_dir, ("val",), in_chans=in_chans, class_map=class_map, allow_root=True,
         dataset=_arg(args, "dataset", ""), split_names={"val": split}, training_splits=(),
-        batch_size=args.batch_size, num_samples={"val": getattr(args, "num_samples", None)})
+        batch_size=args.batch_size, num_samples={"val": getattr(args, "num_samples", None)},
+        download=bool(_arg(args, "dataset_download", False)), source_kwargs=source)
     num_classes = _resolve_num_classes(args.num_classes, class_to_idx)
     if weights_file is not None and meta:
         model = build_model(args, num_classes, pretrained=False)
@@ -932,12 +1135,17 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
                              f"{in_chans} input channels:\n{e}") from e
     else:
         model = build_model(args, num_classes)
+    if getattr(args, "reparam", False):
+        from timm.utils.model import reparameterize_model
+        model = reparameterize_model(model)
     model.to(device)
     channels_last = bool(_arg(args, "channels_last", False))
     if channels_last:
         to_channels_last(model)
-    data_config = resolve_data_config(args, model)
-    run_model = torch.compile(model) if getattr(args, "torchcompile", None) else model
+    data_config = resolve_data_config(args, model, use_test_size=not getattr(args, "use_train_size", True))
+    compile_mode, compile_backend = compile_settings(args)
+    run_model = model if compile_mode is None else torch.compile(
+        model, backend=compile_backend, mode=None if compile_mode == "default" else compile_mode)
 
     batch_size = args.batch_size
     while True:
@@ -963,4 +1171,64 @@ def evaluate_checkpoint(args: argparse.Namespace, log: Callable[[str], None] = p
     log(f"throughput: {metrics['img_per_sec']:.1f} img/s end to end (data loading included) at batch size "
         f"{batch_size} x {env.world_size} process(es) on {device}, amp {amp_dtype or 'off'}"
         f"{', channels_last' if channels_last else ''}{', compiled' if run_model is not model else ''}")
-    return dict(metrics, checkpoint=source, weights=used, model=args.model, batch_size=batch_size)
+    return dict(metrics, checkpoint=source, weights=used, model=args.model, batch_size=batch_size,
+                param_count=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+                img_size=data_config["input_size"][-1], crop_pct=data_config["crop_pct"],
+                interpolation=data_config["interpolation"])
+
+
+RESULT_COLUMNS = ("model", "top1", "top1_err", "top5", "top5_err", "loss", "param_count", "img_size", "crop_pct",
+                  "interpolation", "img_per_sec", "batch_size", "num_images", "checkpoint", "error")
+
+
+def evaluate_many(args: argparse.Namespace, jobs: List[tuple], log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
+    """timm ``validate.py``'s bulk mode: :func:`evaluate_checkpoint` for every ``(model, checkpoint)``.
+
+    ``model`` ``None`` takes the name from the checkpoint; ``checkpoint`` ``None`` evaluates the
+    model's pretrained weights when ``args.pretrained``, else its random initialisation. A job that
+    fails (unknown model, unreadable file, weights that do not fit) gets a row with ``error`` and
+    the others go on.
+
+    Returns:
+        Rows with :data:`RESULT_COLUMNS`, sorted by top-1 (best first), failed ones last.
+    """
+    rows = []
+    for model_name, checkpoint in jobs:
+        job = argparse.Namespace(**vars(args))
+        job.model, job.checkpoint = model_name, checkpoint
+        label = " ".join(x for x in (model_name, checkpoint) if x)
+        try:
+            r = evaluate_checkpoint(job, log=log)
+        except (InputError, CheckpointError, RuntimeError) as e:
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            log(f"error: {label}: {message}")
+            rows.append({"model": model_name, "checkpoint": checkpoint, "error": message})
+            continue
+        rows.append({"model": r["model"], "top1": r["top1"], "top1_err": round(100 - r["top1"], 4),
+                     "top5": r["top5"], "top5_err": round(100 - r["top5"], 4), "loss": round(r["loss"], 6),
+                     "param_count": r["param_count"], "img_size": r["img_size"], "crop_pct": r["crop_pct"],
+                     "interpolation": r["interpolation"], "img_per_sec": round(r["img_per_sec"], 2),
+                     "batch_size": r["batch_size"], "num_images": r["num_images"], "checkpoint": r["weights"]})
+    return sorted(rows, key=lambda row: (row.get("top1") is None, -(row.get("top1") or 0.0)))
+
+
+def write_results(path: os.PathLike, rows: List[Mapping[str, Any]], fmt: str = "csv") -> Path:
+    """Write evaluation rows atomically as CSV (:data:`RESULT_COLUMNS`) or JSON (timm's ``--results-file``)."""
+    import csv
+    import io
+    import json
+    if fmt == "json":
+        text = json.dumps([_plain(dict(r)) for r in rows], indent=2) + "\n"
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k) for k in RESULT_COLUMNS})
+        text = buf.getvalue()
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    from .checkpoint import atomic_write
+    return atomic_write(path, write)

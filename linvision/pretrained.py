@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .checkpoint import atomic_write, sha256_file, write_json
-from .serialization import CheckpointError, load_checkpoint_file
+from .serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file
 
 __all__ = ["WeightEntry", "list_weights", "get_weight", "cache_dir", "entry_dir", "cached_weights",
            "download_file", "fetch", "convert_checkpoint", "resolve_pretrained", "PretrainedError",
@@ -372,6 +372,9 @@ def resolve_pretrained(variant: str, pretrained_cfg: Any = None,
     overlay = dict(pretrained_cfg_overlay or {})
     if cfg.get("file"):
         path = Path(cfg["file"])
+        # A file written by another linvision model may fit this one shape for shape; refuse it.
+        check_checkpoint_model(path, cfg.get("architecture") or variant, override=(
+            "its tensors as pretrained_cfg_overlay=dict(state_dict=linvision.serialization.load_checkpoint_file(PATH))"))
     else:
         tag = cfg.get("tag") or ""
         name = f"{cfg.get('architecture') or variant.split('.')[0]}.{tag}" if tag else variant

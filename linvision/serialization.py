@@ -42,7 +42,7 @@ import torch
 from .checkpoint import sha256_file
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "allow_plain_data_in_torch_load", "find_manifest_entry", "to_plain_data",
-           "checkpoint_format"]
+           "checkpoint_format", "checkpoint_model_name", "check_checkpoint_model"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -235,3 +235,50 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
             raise CheckpointError(f"{path}: empty file")
         raise CheckpointError(f"{path}: neither a safetensors nor a torch checkpoint (unrecognised first bytes)")
     return to_plain_data(_torch_load(path, map_location))
+
+
+def _architecture(name: str) -> str:
+    # "mavit_s.in1k" -> "mavit_s": a pretrained tag names weights, not a different model.
+    return name.split(".", 1)[0]
+
+
+def checkpoint_model_name(path: PathLike) -> Optional[str]:
+    """The model name a linvision ``.safetensors`` file records (training runs, downloads, exports),
+    or ``None`` for files that record none (``.pth``, foreign safetensors)."""
+    path = Path(path)
+    if not path.is_file() or checkpoint_format(path) != "safetensors":
+        return None
+    from .checkpoint import read_weights_metadata
+    try:
+        meta = read_weights_metadata(path) if path.name.endswith(".safetensors") else {}
+    except Exception:  # an unreadable header is reported by the reader that follows, not here
+        return None
+    name = meta.get("model") if isinstance(meta, dict) else None
+    return str(name) if name else None
+
+
+def check_checkpoint_model(path: PathLike, model_name: str, allow: bool = False,
+                           override: str = "--allow-model-mismatch") -> Optional[str]:
+    """Refuse to load a checkpoint written by another model into ``model_name``.
+
+    Two models can share every tensor shape (``linvit_t`` and ``mavit_t``) and still compute
+    different functions, so a strict ``load_state_dict`` alone would accept the wrong file.
+
+    Args:
+        path: the checkpoint file.
+        model_name: the model about to receive it (a pretrained tag is ignored on both sides).
+        allow: load anyway (the caller's ``override`` was given).
+        override: how the user overrides, named in the error.
+
+    Returns:
+        The recorded model name, or ``None`` when the file records none.
+
+    Raises:
+        CheckpointError: one line naming both models and the override.
+    """
+    written_by = checkpoint_model_name(path)
+    if (written_by and not allow and ":" not in model_name
+            and _architecture(written_by) != _architecture(model_name)):
+        raise CheckpointError(f"{path}: written by model {written_by!r}, not {model_name!r}; load it into "
+                              f"{_architecture(written_by)}, or pass {override} to load it into {model_name} anyway")
+    return written_by

@@ -100,6 +100,25 @@ class LinVisionBackbone(DenseBackbone, BaseModule):
         finally:
             self.init_cfg = saved
 
+    def _dump_init_info(self) -> None:
+        """mmengine writes one entry per parameter tensor (over a thousand lines for a backbone). Inside
+        a Runner they go to its log file, as mmengine does; outside one (a logger without a file) they
+        would flood the console, so a one-line summary is logged instead."""
+        from logging import FileHandler
+
+        from mmengine.logging import MMLogger
+        if any(isinstance(h, FileHandler) for h in MMLogger.get_current_instance().handlers):
+            super()._dump_init_info()
+            return
+        infos = [self._params_init_info[p]["init_info"] for p in self.parameters() if p in self._params_init_info]
+        # mmengine's note for a tensor no initialiser touched starts "The value is the same before and after".
+        set_by = [i for i in infos if not i.startswith("The value is the same")]
+        how = sorted({i.strip() for i in set_by})
+        print_log(f"{type(self).__name__}({self.model_name}): init_weights: {len(infos)} parameter tensors, "
+                  f"{len(set_by)} set by init_cfg" + (f" ({'; '.join(how[:3])}"
+                                                       f"{', ...' if len(how) > 3 else ''})" if how else "")
+                  + f", {len(infos) - len(set_by)} kept as constructed", logger="current")
+
     def load_pretrained(self, checkpoint: str, prefix: Optional[str] = None, map_location: str = "cpu",
                         strict: bool = False) -> LoadReport:
         """Load a local file (``.pth``/``.safetensors``), an ``http(s)://`` URL (downloaded once into

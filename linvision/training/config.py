@@ -63,6 +63,9 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
     except (ValueError, yaml.YAMLError) as e:
         parser.error(str(e))
     actions = {a.dest: a for a in parser._actions}
+    cfg = _alias_keys(parser, cfg)
+    # timm's args.yaml records its own -c as ``config: ''``: an empty entry names no second file.
+    cfg = {k: v for k, v in cfg.items() if not (k in NOT_CONFIG_KEYS and v in ("", None, []))}
     unknown = sorted(set(cfg) - set(actions) | set(cfg) & set(NOT_CONFIG_KEYS))
     if unknown:
         where = known.config if known.config else "--set"
@@ -71,6 +74,25 @@ def parse_args_with_config(parser: argparse.ArgumentParser, argv: Optional[Seque
     for dest in cfg:
         actions[dest].required = False  # a config may provide --data-dir
     return parser.parse_args(argv)
+
+
+def _alias_keys(parser: argparse.ArgumentParser, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """Keys named after an alias flag (timm's ``val_interval`` for ``--val-interval``, an alias of
+    ``--eval-interval``) renamed to that flag's destination; ``no_X: true`` of a ``--X/--no-X``
+    switch becomes ``X: false`` (``no_X: false`` leaves ``X`` at its default)."""
+    by_flag = {opt: a for a in parser._actions for opt in a.option_strings}
+    dests = {a.dest for a in parser._actions}
+    out: Dict[str, Any] = {}
+    for key, value in cfg.items():
+        action = None if key in dests else by_flag.get("--" + key.replace("_", "-"))
+        if action is None:
+            out[key] = value
+        elif isinstance(action, argparse.BooleanOptionalAction) and key.startswith("no_"):
+            if value:
+                out[action.dest] = False
+        else:
+            out[action.dest] = value
+    return out
 
 
 def config_dict(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Dict[str, Any]:

@@ -143,6 +143,7 @@ def create_datasets(
         batch_size: Optional[int] = None,
         seed: int = 42,
         num_samples: Optional[Mapping[str, int]] = None,
+        source_kwargs: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[Dict[str, Any], Dict[str, int]]:
     """Datasets for ``splits`` with one shared class index.
 
@@ -160,6 +161,8 @@ def create_datasets(
         training_splits: splits read in training mode (iterable sources shuffle them).
         download, batch_size, seed, num_samples: passed to ``create_dataset`` for named
             sources (``num_samples`` per logical split).
+        source_kwargs: more ``create_dataset`` arguments for named sources (``input_key``,
+            ``target_key``, ``trust_remote_code``).
 
     Returns:
         ``({split: dataset without transform}, class_to_idx)``; ``class_to_idx`` is ``{}`` when
@@ -181,7 +184,7 @@ def create_datasets(
                     dataset, root=str(data_dir), split=name, is_training=split in training_splits,
                     class_map=dict(class_map) if class_map is not None else None, download=download,
                     batch_size=batch_size, seed=seed, input_img_mode=img_mode,
-                    num_samples=(num_samples or {}).get(split))
+                    num_samples=(num_samples or {}).get(split), **dict(source_kwargs or {}))
             except (ImportError, ModuleNotFoundError) as e:
                 raise InputError(f"--dataset {dataset}: {e} (install the package this source needs)") from e
             except (FileNotFoundError, AssertionError, RuntimeError, ValueError) as e:
@@ -354,7 +357,9 @@ def build_train_loader(dataset, data_config: Mapping[str, Any], args, env: DistE
         is_training=True, no_aug=_opt(args, "no_aug", False), scale=_opt(args, "scale"), ratio=_opt(args, "ratio"),
         hflip=_opt(args, "hflip", 0.5), vflip=_opt(args, "vflip", 0.0), color_jitter=_opt(args, "color_jitter", 0.4),
         auto_augment=_opt(args, "aa"), interpolation=interpolation, mean=data_config["mean"],
-        std=data_config["std"])
+        std=data_config["std"], train_crop_mode=_opt(args, "train_crop_mode"),
+        color_jitter_prob=_opt(args, "color_jitter_prob"), grayscale_prob=_opt(args, "grayscale_prob", 0.0),
+        gaussian_blur_prob=_opt(args, "gaussian_blur_prob", 0.0))
     erase = dict(re_prob=_opt(args, "reprob", 0.0), re_mode=_opt(args, "remode", "pixel"),
                  re_count=_opt(args, "recount", 1))
     workers = _opt(args, "workers", 0)
@@ -415,7 +420,8 @@ def build_eval_loader(dataset, data_config: Mapping[str, Any], batch_size: int, 
     return create_loader(
         view, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
         interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
-        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"), num_workers=workers,
+        crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"),
+        crop_border_pixels=_opt(args, "crop_border_pixels"), num_workers=workers,
         distributed=is_iterable(dataset) and env.distributed,
         pin_memory=bool(_opt(args, "pin_mem", env.device.type == "cuda")), device=env.device,
         use_prefetcher=use_prefetcher(args, env.device), persistent_workers=workers > 0)

@@ -52,6 +52,7 @@ class RunMonitor:
         self.enabled = enabled
         self.echo = echo
         self.writer = None
+        self.log_wandb = False  # set once a wandb run exists (--log-wandb)
         if enabled and self.output is not None:
             self.output.mkdir(parents=True, exist_ok=True)
         if enabled and tensorboard and self.output is not None:
@@ -84,7 +85,7 @@ class RunMonitor:
         eval_row = {k: (val_m or {}).get(k) for k in ("loss", "top1", "top5")}
         eval_row.update({f"ema_{k}": (ema_m or {}).get(k) for k in ("loss", "top1", "top5")})
         train_row["peak_mem_mb"] = round(peak_mem_mb, 1)
-        update_summary(epoch + 1, train_row, eval_row, str(self.output / SUMMARY), lr=lr)
+        update_summary(epoch + 1, train_row, eval_row, str(self.output / SUMMARY), lr=lr, log_wandb=self.log_wandb)
         self.scalars({f"train/{k}": v for k, v in train_row.items()}, epoch + 1)
         self.scalars({f"eval/{k}": v for k, v in eval_row.items()}, epoch + 1)
         self.scalars({"lr": lr, "peak_mem_mb": peak_mem_mb, "num_updates": num_updates}, epoch + 1)
