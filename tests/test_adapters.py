@@ -61,7 +61,9 @@ def _targets(with_masks: bool):
 # ---------------------------------------------------------------------------------- torchvision detection
 @pytest.mark.parametrize("name,detector", GRID, ids=[f"{m}-{d}" for m, d in GRID])
 def test_torchvision_detector_trains_and_predicts(name, detector):
-    limit = dict(detections_per_img=10) if detector in ("retinanet", "fcos") else dict(box_detections_per_img=10)
+    # Score threshold 0: an untrained detector still returns boxes, so their values are always checked.
+    limit = (dict(detections_per_img=10, score_thresh=0.0) if detector in ("retinanet", "fcos")
+             else dict(box_detections_per_img=10, box_score_thresh=0.0))
     model = DETECTORS[detector](name, num_classes=4, min_size=H, max_size=W, **limit)
     body = model.backbone.body
     assert isinstance(body, DenseBackbone) and model.backbone.out_channels == 256
@@ -80,9 +82,12 @@ def test_torchvision_detector_trains_and_predicts(name, detector):
     with torch.no_grad():
         (pred,) = model([image])
     n = pred["boxes"].shape[0]
-    assert n <= 10 and pred["boxes"].shape == (n, 4) and pred["scores"].shape == (n,) and pred["labels"].shape == (n,)
-    if n:
-        assert (pred["boxes"][:, 2] <= W).all() and (pred["boxes"][:, 3] <= H).all()
+    assert 0 < n <= 10 and pred["boxes"].shape == (n, 4) and pred["scores"].shape == (n,) and pred["labels"].shape == (n,)
+    x1, y1, x2, y2 = pred["boxes"].unbind(1)
+    assert (0 <= x1).all() and (x1 <= x2).all() and (x2 <= W).all(), pred["boxes"]
+    assert (0 <= y1).all() and (y1 <= y2).all() and (y2 <= H).all(), pred["boxes"]
+    assert ((0 <= pred["scores"]) & (pred["scores"] <= 1)).all() and (pred["scores"][:-1] >= pred["scores"][1:]).all()
+    assert ((1 <= pred["labels"]) & (pred["labels"] < 4)).all()  # 0 is the background
     if detector == "maskrcnn":
         assert pred["masks"].shape == (n, 1, H, W)
 
@@ -129,6 +134,20 @@ def test_segmentation_trains_at_256(head):
     with torch.no_grad():
         odd = model(torch.randn(1, 3, 97, 131))
     assert odd["out"].shape == (1, 5, 97, 131)
+
+
+def test_segmentation_loss_on_a_hand_computed_case():
+    """2×2 image, 2 classes: logits (0, ln 3) at every pixel give p(class 1) = 3/4; one pixel ignored; the aux
+    output is weighted by 0.4."""
+    import math
+    out = torch.zeros(1, 2, 2, 2)
+    out[:, 1] = math.log(3.0)
+    target = torch.tensor([[[1, 0], [1, 255]]])
+    main = (2 * -math.log(0.75) - math.log(0.25)) / 3       # two pixels of class 1, one of class 0
+    assert tva.segmentation_loss({"out": out}, target).item() == pytest.approx(main, rel=1e-6)
+    aux = torch.zeros(1, 2, 2, 2)                            # uniform: ln 2 per pixel
+    both = tva.segmentation_loss({"out": out, "aux": aux}, target).item()
+    assert both == pytest.approx(main + 0.4 * math.log(2.0), rel=1e-6)
 
 
 def test_segmentation_without_aux_and_with_mm_like_options():

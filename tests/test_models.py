@@ -144,32 +144,38 @@ def test_attn_and_softmax_stages_arguments():
     assert kinds == ["MagnitudeAwareLinearAttention"] * 2 + ["SoftmaxAttention"] * 2
 
 
-def test_bf16_autocast_forward_is_finite():
+BF16_U = 2.0 ** -8  # bf16 unit roundoff
+
+
+def test_bf16_autocast_forward_within_bf16_rounding_of_fp32():
+    """A 12-block model under bf16 autocast stays within a few bf16 roundings (relative, whole logits) of fp32."""
     model = timm.create_model("linvit_t").eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(1, 3, 128, 128) * 3)
-    assert torch.isfinite(out.float()).all()
+    x = torch.randn(1, 3, 128, 128) * 3
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 4 * BF16_U
 
 
 MECHANISMS = sorted(set(linvision.attn.MIXERS) - {"softmax"})
 
 
 @pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_every_mechanism_finite_on_a_1024x1024_grid_in_bf16(mechanism):
+def test_every_mechanism_at_a_1024x1024_grid_in_bf16_within_rounding_of_fp32(mechanism):
     from linvision.attn import RopeGrid, create_mixer, rope_angle
     hw, d = (1024, 1024), 16
     mixer = create_mixer(mechanism, d, 1)
     q, k, v = (torch.randn(1, 1, hw[0] * hw[1], d).mul(4).bfloat16() for _ in range(3))
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = mixer(q, k, v, hw=hw, rope=RopeGrid(rope_angle(d), *hw))
-    assert out.shape == q.shape and torch.isfinite(out.float()).all()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = mixer(q, k, v, hw=hw, rope=RopeGrid(rope_angle(d), *hw))
+        ref = mixer(q.float(), k.float(), v.float(), hw=hw, rope=RopeGrid(rope_angle(d), *hw))
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    # The same bf16 inputs in fp32: the bf16 run may differ by its output rounding and the mixers' own bf16
+    # projections, not by an overflow or a lost normaliser (NaN fails the comparison).
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2 * BF16_U
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("mechanism", MECHANISMS)
-def test_every_linvit_finite_at_1024x1024_bf16_cuda(mechanism):
-    name = "linvit_t" if mechanism == "mala" else f"linvit_t_{mechanism}"
-    model = timm.create_model(name).cuda().eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, 1024, 1024, device="cuda"))
-    assert torch.isfinite(out.float()).all()
+# Whole models at 1024×1024 in bf16 on CUDA, against fp32: tests/test_model_backends.py.

@@ -17,7 +17,8 @@ without manifest, which no lookup accepts.
 
 :meth:`CheckpointManager.find_resumable` walks the sets from the newest, verifies each against
 its manifest (size and sha256) and returns the first intact one, warning about every set it skips,
-so a truncated or corrupted newest checkpoint falls back to the previous one.
+so a truncated or corrupted newest checkpoint falls back to the previous one; when every set is
+damaged it raises rather than let the run start over.
 """
 import re
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ class CheckpointManager:
     def find_resumable(self, check_hash: bool = True) -> Optional[Checkpoint]:
         """The newest intact set (step sets, then ``last.json``, then a legacy ``last_state.pth``).
 
-        Damaged sets are skipped with a warning; ``None`` when there is nothing to resume."""
+        Damaged sets are skipped with a warning; ``None`` when there is nothing to resume; ``InputError``
+        when there are sets but every one is damaged."""
         candidates = self.step_manifests()
         if (self.output / LAST_MANIFEST).is_file():
             candidates.append(self.output / LAST_MANIFEST)
@@ -195,7 +197,10 @@ class CheckpointManager:
             except ValueError as e:
                 self.log(f"warning: {legacy} is unusable ({e})")
         if candidates:
-            self.log(f"warning: no intact checkpoint in {self.output}; starting from scratch")
+            # Starting over would silently discard the run (and overwrite its sets): stop instead.
+            raise InputError(f"no intact checkpoint in {self.output}: all {len(candidates)} checkpoint sets are "
+                             f"damaged (see the warnings above); pass --resume with an intact set, or remove "
+                             f"{self.dir} to start from scratch")
         return None
 
 
@@ -215,7 +220,7 @@ def resolve_resume(resume: Optional[str], output_dir, log: Callable[[str], None]
 
     - ``None``/``""``: none.
     - ``"auto"``: the newest intact set in ``output_dir`` (damaged ones skipped with a warning);
-      none if there is nothing there, so a restarted job begins fresh.
+      none if there is nothing there, so a restarted job begins fresh; an error if every set is damaged.
     - a directory: the same lookup in that run directory.
     - a manifest, state or weights file: that very set, verified (an error if damaged).
 

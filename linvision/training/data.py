@@ -21,6 +21,10 @@ around a :class:`ResumableSampler`, which
   transforms, so augmentations do not depend on the worker count, on which worker loads a
   sample, or on where a run was resumed.
 
+An image that cannot be read or decoded is skipped by timm's ``ImageDataset``: the next image of the
+folder takes its place and a warning (``Skipped sample (index i)``) is logged; only a long run of
+unreadable files stops the epoch with an error.
+
 Iterable sources (``wds/``, ``hfids/``, ``tfds/``) go through ``create_loader`` as is; a
 mid-epoch resume there discards the batches already done (re-reading them).
 
