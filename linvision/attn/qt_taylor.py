@@ -1,7 +1,7 @@
 """QT-ViT: linear attention with the quadratic Taylor kernel (AMD_QTViT ``LiteMLA.relu_linear_att``).
 
-The released kernel is not the full second-order
-expansion but its diagonal ("compact") part plus a learnable constant ``s`` (init 1)::
+The released kernel is not the full second-order expansion but its diagonal ("compact") part plus
+a learnable constant ``s`` (init 1)::
 
     x̂ = x/(‖x‖ + ε),  x̃ = x̂ ⊙ x̂,  x̄ = x̃/(‖x̃‖ + ε),  φ(x) = [x̄ ; s] ∈ ℝ^{d+1}     (ε = 1e-15)
     κ(q, k) = φ(q)·φ(k) = Σ_i q_i² k_i² / (‖q²‖ ‖k²‖) + s²
