@@ -13,7 +13,7 @@ DEMO_DATA ?= $(or $(LINVISION_DEMO_DATA),.cache/mnist5k)
 DEMO_OUT ?= output/demo
 
 # One torch thread unless the caller says otherwise: on a small shared CPU machine two threads run
-# 5-20x slower than one (docs: /work/shared/specs/environment.md §9).
+# 5-20x slower than one.
 export OMP_NUM_THREADS ?= 1
 # Never wait on the Hugging Face hub: nothing here downloads weights.
 export HF_HUB_OFFLINE ?= 1

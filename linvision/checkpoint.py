@@ -4,7 +4,7 @@ Every writer here goes through :func:`atomic_write`: the bytes go to a temporary
 destination's directory, are flushed and fsynced, and only then ``os.replace`` moves the file onto
 its final name (atomic on POSIX when both names are on one filesystem, which a sibling temp file
 guarantees). An interrupted or failing write therefore leaves the previous file intact and never a
-truncated file under the final name (DESIGN.md, "Files written by the project").
+truncated file under the final name: a rule for every file the project writes.
 
 Files:
     ``*.safetensors``: the model's ``state_dict`` (tensors only) plus string metadata; readable by

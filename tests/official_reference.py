@@ -1,6 +1,6 @@
 """An independent functional forward pass of the official MAViT / RAVLT classifiers.
 
-Written from ../shared/specs/mala_rala.md (§2–§4) with plain torch functional ops over an
+Written from the official MALA/RALA code's operations with plain torch functional ops over an
 *official-format* state dict (keys ``patch_embed.proj.*``, ``layers.{i}.blocks.{j}.*``, ...), in
 the operation order of the official modules. It shares no code with ``linvision`` so that it
 can catch mistakes in the model, the core and the checkpoint filter alike.

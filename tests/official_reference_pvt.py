@@ -1,13 +1,13 @@
 """Independent functional forward passes of the official FLatten-PVT, FLatten-PVTv2 and InLine-PVT.
 
-Written from ../shared/specs/flatten_inline.md (§1.1, §1.3, §1.6, §2.1, §2.3, §2.6, §3) with plain
-torch functional ops over *official-format* state dicts (``pos_embed{i}``, ``patch_embed{i}.*``,
-``block{i}.{j}.*``, ``norm{i}`` / ``norm``, ``head.*``). It shares no code with ``linvision``, and
-it evaluates both attentions in their *quadratic* form (the N×N weight matrix), so it also checks
-the linear-time rewriting the library uses.
+Written from the official FLatten/InLine code's operations with plain torch functional ops over
+*official-format* state dicts (``pos_embed{i}``, ``patch_embed{i}.*``, ``block{i}.{j}.*``,
+``norm{i}`` / ``norm``, ``head.*``). It shares no code with ``linvision``, and it evaluates both
+attentions in their *quadratic* form (the N×N weight matrix), so it also checks the linear-time
+rewriting the library uses.
 
 :func:`official_state_dict` writes random weights in the official key layout for a given
-configuration, straight from the spec's key lists (not from a linvision model).
+configuration, straight from the official models' key lists (not from a linvision model).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ FAMILIES = ("flatten_pvt", "flatten_pvt_v2", "inline_pvt")
 def official_state_dict(family: str, *, img_size: int, embed_dims: Sequence[int], depths: Sequence[int],
                         num_heads: Sequence[int], mlp_ratios: Sequence[float], num_classes: int = 1000,
                         in_chans: int = 3, seed: int = 0) -> Dict[str, Tensor]:
-    """Random weights with the official keys and shapes of ``family`` (spec §1.6 / §2.6).
+    """Random weights with the official keys and shapes of ``family``.
 
     Scales keep activations O(1); the FLatten ``scale`` and ``positional_encoding`` are non-zero so
     that they matter.
@@ -107,7 +107,7 @@ def _table(t: Tensor, hw: Tuple[int, int], mode: str) -> Tensor:
 
 
 def _focused(t: Tensor, scale: Tensor) -> Tensor:
-    """FLatten's φ with p = 3, norms over all C channels (spec §1.1 steps 3–4)."""
+    """FLatten's φ with p = 3, norms over all C channels."""
     u = (F.relu(t) + 1e-6) / F.softplus(scale)
     u3 = u ** 3
     return u.norm(dim=-1, keepdim=True) * u3 / u3.norm(dim=-1, keepdim=True)
@@ -121,11 +121,11 @@ def _attention(x: Tensor, sd: Dict[str, Tensor], p: str, heads: int, hw: Tuple[i
     k, v = kv[..., :c], kv[..., c:]
     split = lambda t: t.reshape(b, n, heads, d).transpose(1, 2)  # noqa: E731  channel = head*d + i
     if family == "inline_pvt":
-        # w_ij = (s_ij - mean_t s_it)/N + 1/N, s_ij = d^-1/2 q_i.k_j: the explicit N×N form (spec §2.1.5).
+        # w_ij = (s_ij - mean_t s_it)/N + 1/N, s_ij = d^-1/2 q_i.k_j: the explicit N×N form.
         s = (split(q) @ split(k).transpose(-1, -2)) * d ** -0.5
         w = (s - s.mean(dim=-1, keepdim=True)) / n + 1.0 / n
         y = (w @ split(v)).transpose(1, 2).reshape(b, n, c)
-        # Dynamic 3×3 depthwise conv on V, kernels from the mean of x (spec §2.1.6).
+        # Dynamic 3×3 depthwise conv on V, kernels from the mean of x.
         t = F.conv1d(x.mean(dim=1).unsqueeze(-1), sd[p + "residual.0.weight"], sd[p + "residual.0.bias"], groups=heads)
         t = F.conv1d(F.gelu(t), sd[p + "residual.2.weight"], sd[p + "residual.2.bias"], groups=heads)
         kernels = t.reshape(b * c, 1, 3, 3)
@@ -136,10 +136,10 @@ def _attention(x: Tensor, sd: Dict[str, Tensor], p: str, heads: int, hw: Tuple[i
         k = k + _table(sd[p + "positional_encoding"], hw, "bicubic")
         fq, fk = split(_focused(q, sd[p + "scale"])), split(_focused(k, sd[p + "scale"]))
         a = fq @ fk.transpose(-1, -2)                                   # (B, h, N, N), all >= 0
-        # HEAD form: (q·(1/N)Σ kᵀv) / (q·mean k + 1e-6) (spec §1.1 step 6).
+        # HEAD form: (q·(1/N)Σ kᵀv) / (q·mean k + 1e-6).
         y = ((a @ split(v)) / n) / (a.sum(dim=-1, keepdim=True) / n + 1e-6)
         y = y.transpose(1, 2).reshape(b, n, c)
-        # One d-channel 5×5 depthwise conv shared by all heads, on raw V (spec §1.1 step 8).
+        # One d-channel 5×5 depthwise conv shared by all heads, on raw V.
         v_img = split(v).reshape(b * heads, *hw, d).permute(0, 3, 1, 2)
         dwc = F.conv2d(v_img, sd[p + "dwc.weight"], sd[p + "dwc.bias"], padding=2, groups=d)
         y = y + dwc.reshape(b, c, n).transpose(1, 2)
@@ -185,13 +185,13 @@ def official_forward(family: str, sd: Dict[str, Tensor], x: Tensor, num_heads: S
         x = x.transpose(1, 2).reshape(b, c, h, w_)
         stages.append(x)
         i += 1
-    # No cls token: mean over the last stage's tokens; PVT v1 applies no final norm (spec §3.9).
+    # No cls token: mean over the last stage's tokens; PVT v1 applies no final norm.
     logits = _fc(x.mean(dim=(2, 3)), sd, "head")
     return (logits, stages) if return_stages else logits
 
 
 def official_key_count(family: str, depths: Sequence[int]) -> Optional[int]:
-    """State-dict key count of the official model (spec §1.6 / §2.6 formulas)."""
+    """State-dict key count of the official model (closed-form count)."""
     per_block = 18 if family != "flatten_pvt_v2" else 20
     if family == "flatten_pvt":
         return 4 + 16 + per_block * sum(depths) + 2 + 2

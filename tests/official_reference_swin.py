@@ -1,11 +1,11 @@
 """The official FLatten-Swin / InLine-Swin classifiers: state-dict layout and a functional forward.
 
-Written from ../shared/specs/flatten_inline.md (§1.1, §1.3, §1.6, §2.1, §2.3, §2.6, §3) with plain
-torch functional ops over an *official-format* state dict (``layers.{i}.blocks.{j}.*``, downsample
-at the end of stage i, ``attn.scale``/``attn.positional_encoding``/``attn.dwc`` for FLatten,
-``attn.residual.*`` for InLine, the stored ``relative_position_index``/``attn_mask`` buffers of the
-Swin blocks), in the operation order of the official modules. It shares no code with ``linvision``
-so that it can catch mistakes in the model, the mechanisms, the core and the checkpoint filter alike.
+Written from the official FLatten/InLine code's operations with plain torch functional ops over an
+*official-format* state dict (``layers.{i}.blocks.{j}.*``, downsample at the end of stage i,
+``attn.scale``/``attn.positional_encoding``/``attn.dwc`` for FLatten, ``attn.residual.*`` for
+InLine, the stored ``relative_position_index``/``attn_mask`` buffers of the Swin blocks), in the
+operation order of the official modules. It shares no code with ``linvision`` so that it can catch
+mistakes in the model, the mechanisms, the core and the checkpoint filter alike.
 
 The attention of the linear blocks is evaluated in its quadratic form (the full N×N weight matrix),
 which is mathematically the official linear-order computation.
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LN_EPS = 1e-5  # every Swin LayerNorm (spec §3.10)
+LN_EPS = 1e-5  # every Swin LayerNorm
 
 
 # ------------------------------------------------------------------ configuration and layout
@@ -64,7 +64,7 @@ def shifted_window_mask(res: int, ws: int, shift: int) -> Tensor:
 
 def official_layout(attn_types: str, embed_dim: int, depths: Sequence[int], num_heads: Sequence[int],
                     img_size: int = 224, window_size: int = 7, num_classes: int = 1000) -> Dict[str, tuple]:
-    """``{key: shape}`` of the official state dict (spec §1.6, §2.6), buffers included, in order."""
+    """``{key: shape}`` of the official state dict, buffers included, in order."""
     types = stage_block_types(attn_types, depths)
     res = stage_resolutions(img_size, len(depths))
     out: Dict[str, tuple] = {
@@ -176,7 +176,7 @@ def _merge(t: Tensor) -> Tensor:
 
 
 def flatten_attention(x: Tensor, sd: Dict[str, Tensor], p: str, h: int, hw: Tuple[int, int]) -> Tensor:
-    """FLatten (spec §1.1, HEAD form): focused φ over all C channels, PE on K, shared DWC on V."""
+    """FLatten (HEAD form): focused φ over all C channels, PE on K, shared DWC on V."""
     b, n, c = x.shape
     q, k, v = _linear(x, sd, p + "qkv.").split(c, dim=-1)
     k = k + sd[p + "positional_encoding"]
@@ -201,7 +201,7 @@ def flatten_attention(x: Tensor, sd: Dict[str, Tensor], p: str, h: int, hw: Tupl
 
 
 def inline_attention(x: Tensor, sd: Dict[str, Tensor], p: str, h: int, hw: Tuple[int, int]) -> Tensor:
-    """InLine (spec §2.1): w_ij = (s_ij − mean_t s_it)/N + 1/N, plus the token-mean-predicted 3×3 conv."""
+    """InLine: w_ij = (s_ij − mean_t s_it)/N + 1/N, plus the token-mean-predicted 3×3 conv."""
     b, n, c = x.shape
     d = c // h
     q, k, v = (_heads(t, h) for t in _linear(x, sd, p + "qkv.").split(c, dim=-1))

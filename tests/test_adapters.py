@@ -9,10 +9,10 @@ prediction, on a 256×320 image):
   mechanisms: focused → Faster R-CNN, inline → Mask R-CNN, qt → RetinaNet, mirror → Mask R-CNN,
   infsa → Faster R-CNN.
 
-mmdet/mmseg themselves cannot be installed here (they need a from-source mmcv build, spec
-environment.md §7), so the mm side is tested through mmengine alone: registry build, init_cfg
-loading (official classification, official dense and our own detector checkpoints), freezing,
-norm_eval, the configs (parse + backbone build + channel agreement) and their optimizer rules.
+mmdet/mmseg are not dependencies of the project (they need a from-source mmcv build), so the mm side
+is tested through mmengine alone: registry build, init_cfg loading (official classification,
+official dense and our own detector checkpoints), freezing, norm_eval, the configs (parse + backbone
+build + channel agreement) and their optimizer rules.
 """
 import glob
 import importlib.util
@@ -161,7 +161,7 @@ def test_segmentation_without_aux_and_with_mm_like_options():
 @pytest.mark.parametrize("name", MECHANISM_MODELS)
 def test_finetune_at_another_resolution(tmp_path, name):
     """A classification checkpoint (trained at 224) loads into the dense backbone unchanged and runs at
-    other, odd sizes: no parameter or buffer depends on the input size (spec mala_rala.md §6.12)."""
+    other, odd sizes: no parameter or buffer depends on the input size."""
     cls = timm.create_model(name).eval()
     path = tmp_path / "cls.pth"
     torch.save({"model": cls.state_dict()}, path)
@@ -191,7 +191,7 @@ CONFIG_T = ((2, 2, 6, 2), (1, 2, 4, 8))
 
 
 def _official_dense_forward(sd, x, linear):
-    """Official dense backbone (qhfan/MALA detect, qhfan/RALA GLTA; spec mala_rala.md §3.4): the
+    """Official dense backbone (qhfan/MALA detect, qhfan/RALA GLTA): the
     classification forward up to the last stage, returning extra_norms[i](pre-downsample feature)."""
     depths, heads = CONFIG_T
     for i in (0, 3, 6, 9):

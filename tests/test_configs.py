@@ -11,7 +11,7 @@ from linvision import engine
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
 ALL_CONFIGS = IMAGENET + [ROOT / "configs" / "demo.yaml"]
-# spec mala_rala.md §3.3 / §4.3: drop-path rates hard-coded per variant in the official builders.
+# Drop-path rates hard-coded per variant in the official MAViT/RAVLT builders.
 DROP_PATH = {"t": 0.1, "s": 0.15, "b": 0.4, "l": 0.55}
 
 
@@ -49,7 +49,7 @@ def test_config_parses_and_builds_its_model(path):
 
 @pytest.mark.parametrize("path", IMAGENET, ids=lambda p: p.stem)
 def test_imagenet_configs_follow_the_mavit_recipe(path):
-    """spec mala_rala.md §5 (the MAViT/RAVLT recipe; LinViT uses it unchanged)."""
+    """The official MAViT/RAVLT training recipe (LinViT uses it unchanged)."""
     args = TRAIN.parse_args(["-c", str(path), "--data-dir", "/nonexistent"])
     size = path.stem.split("_")[1]
     assert args.drop_path == DROP_PATH[size]

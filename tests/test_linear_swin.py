@@ -1,7 +1,7 @@
 """FLatten-Swin and InLine-Swin (linvision/backbones/linear_swin.py).
 
 The official weights cannot be downloaded here, so the checkpoint tests write random weights in the
-official key layout (tests/official_reference_swin.py, written from the spec, buffers included),
+official key layout (tests/official_reference_swin.py, buffers included),
 load them with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``
 and compare with an independent functional forward of the official model. To stay cheap those
 tests use reduced widths/depths at 128 px (S window 4) that still contain every block type.
@@ -21,8 +21,8 @@ from official_reference_swin import official_forward, official_layout, is_buffer
 # Exact parameter counts. Per block of width C (d = 32 = C/heads): the Swin part is 12C² + 13C;
 # an S block adds its (2w−1)²·heads bias table; FLatten adds scale C + positional table res²·C +
 # DWC 25·32 + 32; InLine adds its kernel generator 10·C·(d + 1). Patch embed 48C₀ + 3C₀, patch
-# merging 8C² + 8C, final norm 2C₃, head 1000·C₃ + 1000. Spec tables: 29.19M, 50.51M, 88.97M,
-# 91.43M; 29.224M, 49.793M, 88.350M, 88.465M.
+# merging 8C² + 8C, final norm 2C₃, head 1000·C₃ + 1000. The official counts, rounded: 29.19M,
+# 50.51M, 88.97M, 91.43M; 29.224M, 49.793M, 88.350M, 88.465M.
 PARAM_COUNTS = {
     "flatten_swin_t": 29_192_384,
     "flatten_swin_s": 50_510_288,
@@ -35,7 +35,7 @@ PARAM_COUNTS = {
 }
 SPEC_PARAMS_M = {"flatten_swin_t": 29.19, "flatten_swin_s": 50.51, "flatten_swin_b": 88.97, "flatten_swin_b_384": 91.43,
                  "inline_swin_t": 29.224, "inline_swin_s": 49.793, "inline_swin_b": 88.350, "inline_swin_b_384": 88.465}
-# name: (ATTN_TYPE, embed_dim, depths, heads, img, S window, official state-dict key count (spec §1.6, §2.6))
+# name: (ATTN_TYPE, embed_dim, depths, heads, img, S window, official state-dict key count)
 OFFICIAL = {
     "flatten_swin_t": ("LLSS", 96, (2, 2, 6, 2), (3, 6, 12, 24), 224, 7, 196),
     "flatten_swin_s": ("LLSS", 96, (2, 2, 18, 2), (3, 6, 12, 24), 224, 7, 370),
@@ -88,7 +88,7 @@ def test_param_count_and_official_layout(name):
     n = sum(p.numel() for p in model.parameters())
     assert n == PARAM_COUNTS[name]
     assert round(n / 1e6, 3 if name.startswith("inline") else 2) == SPEC_PARAMS_M[name]
-    # The spec's official layout holds the same parameters and converts onto the model key for key.
+    # The official layout holds the same parameters and converts onto the model key for key.
     attn, dim, depths, heads, img, window, n_keys = OFFICIAL[name]
     layout = official_layout(attn, dim, depths, heads, img, window)
     assert len(layout) == n_keys
@@ -104,7 +104,7 @@ def test_block_layout_of_inline_swin_b():
     stage = model.layers[2]
     kinds = [getattr(b, "attn_type", "S") for b in stage.blocks]
     assert kinds == ["I", "I"] + ["S"] * 16
-    # Shift on odd indices within the stage: block 2 unshifted, block 3 shifted (spec §3.7).
+    # Shift on odd indices within the stage: block 2 unshifted, block 3 shifted.
     assert [b.shift_size for b in stage.blocks[2:5]] == [(0, 0), (3, 3), (0, 0)]
     assert model.layers[3].blocks[1].window_size == (7, 7) and model.layers[3].blocks[1].shift_size == (0, 0)
     assert all(getattr(b, "attn_type", None) == "I" for s in model.layers[:2] for b in s.blocks)

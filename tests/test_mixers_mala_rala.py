@@ -1,4 +1,4 @@
-"""MALA, RALA and softmax mixers against the spec's explicit N×N forms (mala_rala.md §3.1, §4.1, §2.6)."""
+"""MALA, RALA and softmax mixers against their explicit N×N forms (as the official code computes them)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def test_mala_matches_attention_matrix_form(with_rope):
     rope = RopeGrid(rope_angle(d), *grid) if with_rope else None
     out = MagnitudeAwareLinearAttention(d * 2, 2)(q, k, v, hw=grid, rope=rope)
     torch.testing.assert_close(out, a @ v, rtol=1e-10, atol=1e-12)
-    if not with_rope:  # rows sum to 1 up to the ε term; with RoPE they do not (spec §3.1)
+    if not with_rope:  # rows sum to 1 up to the ε term; with RoPE they do not
         torch.testing.assert_close(a.sum(-1), torch.ones_like(a.sum(-1)), rtol=0, atol=1e-5)
 
 

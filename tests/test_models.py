@@ -9,7 +9,7 @@ import linvision
 ALL_MODELS = timm.list_models(["linvit_*", "mavit_*", "ravlt_*"])
 TINY_MODELS = [m for m in ALL_MODELS if "_t" in m]
 
-EXACT_PARAMS = {  # spec mala_rala.md §3.3 / §4.3 (measured on the official classes)
+EXACT_PARAMS = {  # measured on the official classes
     "mavit_t": 16_449_128, "mavit_s": 27_142_568, "mavit_b": 49_792_648, "mavit_l": 97_766_088,
     "ravlt_t": 14_897_768, "ravlt_s": 25_591_208, "ravlt_b": 48_241_288, "ravlt_l": 95_242_440,
 }

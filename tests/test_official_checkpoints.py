@@ -72,7 +72,7 @@ def _rel_err(a, b):
 def test_official_logits_reproduced(tmp_path, name):
     depths, heads, linear = CONFIGS[name]
     sd = official_state_dict(name)
-    assert len(sd) == {"mavit_t": 302, "ravlt_t": 302, "mavit_b": 622}[name]  # spec §3.3 / §4.3
+    assert len(sd) == {"mavit_t": 302, "ravlt_t": 302, "mavit_b": 622}[name]  # official key counts
     path = tmp_path / f"{name}.pth"
     torch.save({"model": sd, "epoch": 299}, path)
     model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))).eval()

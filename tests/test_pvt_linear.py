@@ -1,7 +1,7 @@
 """FLatten-PVT, FLatten-PVTv2 and InLine-PVT: official parameter counts, official checkpoints, timm API.
 
 The official weights cannot be downloaded here, so each checkpoint test writes random weights in the
-official key layout (tests/official_reference_pvt.py, built from the spec), loads them with
+official key layout (tests/official_reference_pvt.py), loads them with
 ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))`` and compares with
 an independent functional forward of the official model. Reduced widths/depths and 64-px images
 keep it cheap; every module type of the full models is exercised.
@@ -19,7 +19,7 @@ from linvision.backbones import linear_pvt_v2, pvt
 from linvision.backbones._builder import unwrap_checkpoint
 from official_reference_pvt import official_forward, official_key_count, official_state_dict
 
-# Exact counts of the official classes (spec §1.4 / §2.4: 12.15M ... 51.154M), official state-dict key counts.
+# Exact counts of the official classes (12.15M ... 51.154M), official state-dict key counts.
 EXACT = {
     "flatten_pvt_t": (12_150_504, 168), "flatten_pvt_s": (21_670_248, 312),
     "flatten_pvt_m": (37_242_216, 528), "flatten_pvt_b": (50_649_192, 762),
@@ -29,7 +29,7 @@ EXACT = {
     "inline_pvt_t": (12_032_232, 166), "inline_pvt_s": (21_556_136, 310),
     "inline_pvt_m": (37_618_856, 526), "inline_pvt_l": (51_154_280, 760),
 }
-SPEC_MILLIONS = {  # the spec's rounded figures
+SPEC_MILLIONS = {  # the official counts as usually quoted (rounded)
     "flatten_pvt_t": "12.15", "flatten_pvt_s": "21.67", "flatten_pvt_m": "37.24", "flatten_pvt_b": "50.65",
     "flatten_pvt_v2_b0": "3.59", "flatten_pvt_v2_b1": "12.93", "flatten_pvt_v2_b2": "22.55",
     "flatten_pvt_v2_b3": "38.27", "flatten_pvt_v2_b4": "51.84",
@@ -152,7 +152,7 @@ def test_filter_unwraps_in_memory_containers():
 
 
 def test_training_checkpoint_through_a_state_dict_overlay():
-    """The released files pickle a yacs CfgNode (spec §3.13), which timm's file loader
+    """The released files pickle a yacs CfgNode, which timm's file loader
     (weights_only=True) rejects: torch.load(weights_only=False) them and pass the container."""
     name = "inline_pvt_t"
     family, kw = SMALL[name]
@@ -279,7 +279,7 @@ def test_pretrained_cfgs_and_preprocessing():
         assert (cfg.input_size, cfg.crop_pct, cfg.crop_mode, cfg.interpolation) == ((3, 224, 224), 0.875, "squash",
                                                                                       "bicubic")
         assert cfg.mean == (0.485, 0.456, 0.406) and cfg.std == (0.229, 0.224, 0.225)
-    # Official eval (spec §3.12): the whole image squashed to 256×256, then a 224 center crop.
+    # Official eval: the whole image squashed to 256×256, then a 224 center crop.
     with torch.device("meta"):
         model = timm.create_model("inline_pvt_t")
     transform = create_transform(**resolve_data_config({}, model=model))

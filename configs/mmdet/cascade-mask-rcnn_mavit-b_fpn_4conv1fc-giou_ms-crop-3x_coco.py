@@ -1,4 +1,4 @@
-# MAViT-B (MALA) Cascade Mask R-CNN 3x on COCO, as the official config (spec mala_rala.md §3.7):
+# MAViT-B (MALA) Cascade Mask R-CNN 3x on COCO, as the official config:
 # 4conv1fc GIoU box heads, AdamW lr 4e-4, wd 0.05 (none on norm layers), 36 epochs (steps 27, 33),
 # 2 images per GPU, multi-scale + crop augmentation.
 # Official result: in the MALA paper (arXiv 2507.00698), not in its repository.
@@ -6,8 +6,8 @@ _base_ = [
     '_base_/models/cascade-mask-rcnn_linvision_fpn_4conv1fc-giou.py', '_base_/datasets/coco_instance_ms-crop.py',
     '_base_/schedules/adamw_3x.py', '_base_/default_runtime.py'
 ]
-# MAViT classification weights: https://huggingface.co/aldjalkdf/MAViT (file names undocumented,
-# spec mala_rala.md §3.5); download one and put it here, or set init_cfg=None to train from scratch.
+# MAViT classification weights: https://huggingface.co/aldjalkdf/MAViT (file names
+# undocumented); download one and put it here, or set init_cfg=None to train from scratch.
 model = dict(
     backbone=dict(
         model_name='mavit_b',

@@ -1,4 +1,4 @@
-# RAVLT-L (RALA) Cascade Mask R-CNN 3x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-L (RALA) Cascade Mask R-CNN 3x on COCO, as the official config:
 # 4conv1fc GIoU box heads, AdamW lr 1e-4, wd 0.05 (none on norm layers), 36 epochs (steps 27, 33),
 # 2 images per GPU, multi-scale + crop augmentation.
 # Official result: AP^b 55.6 / AP^m 48.0 (Casmaskrcnn_l_3x_36_epoch.pth).

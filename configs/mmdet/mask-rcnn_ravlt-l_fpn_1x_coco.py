@@ -1,4 +1,4 @@
-# RAVLT-L (RALA) Mask R-CNN 1x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-L (RALA) Mask R-CNN 1x on COCO, as the official config:
 # AdamW lr 1e-4, wd 0.05, 12 epochs (steps 8, 11), 2 images per GPU, single scale (1333, 800).
 # Official result: AP^b 52.3 / AP^m 46.4 (maskrcnn_l_1x_12_epoch.pth).
 _base_ = [

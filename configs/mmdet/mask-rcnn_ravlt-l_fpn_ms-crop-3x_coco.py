@@ -1,4 +1,4 @@
-# RAVLT-L (RALA) Mask R-CNN 3x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-L (RALA) Mask R-CNN 3x on COCO, as the official config:
 # AdamW lr 1e-4, wd 0.05, 36 epochs (steps 27, 33), 1 image per GPU, multi-scale + crop augmentation.
 # Official result: AP^b 53.6 / AP^m 47.3 (maskrcnn_l_3x_36_epoch.pth).
 _base_ = [

@@ -1,4 +1,4 @@
-# RAVLT-S (RALA) Mask R-CNN 3x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-S (RALA) Mask R-CNN 3x on COCO, as the official config:
 # AdamW lr 1e-4, wd 0.05, 36 epochs (steps 27, 33), 2 images per GPU, multi-scale + crop augmentation.
 # Official result: AP^b 51.4 / AP^m 45.5 (maskrcnn_s_3x_36_epoch.pth).
 _base_ = [

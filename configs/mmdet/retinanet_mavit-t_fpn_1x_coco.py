@@ -1,12 +1,12 @@
-# MAViT-T (MALA) RetinaNet 1x on COCO, as the official config (spec mala_rala.md §3.7):
+# MAViT-T (MALA) RetinaNet 1x on COCO, as the official config:
 # AdamW lr 4e-4, wd 1e-4, 12 epochs (steps 8, 11), 2 images per GPU, single scale (1333, 800).
 # Official result: in the MALA paper (arXiv 2507.00698), not in its repository.
 _base_ = [
     '_base_/models/retinanet_linvision_fpn.py', '_base_/datasets/coco_detection.py',
     '_base_/schedules/adamw_1x.py', '_base_/default_runtime.py'
 ]
-# MAViT classification weights: https://huggingface.co/aldjalkdf/MAViT (file names undocumented,
-# spec mala_rala.md §3.5); download one and put it here, or set init_cfg=None to train from scratch.
+# MAViT classification weights: https://huggingface.co/aldjalkdf/MAViT (file names
+# undocumented); download one and put it here, or set init_cfg=None to train from scratch.
 model = dict(
     backbone=dict(
         model_name='mavit_t',

@@ -1,4 +1,4 @@
-# RAVLT-B (RALA) RetinaNet 1x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-B (RALA) RetinaNet 1x on COCO, as the official config:
 # AdamW lr 1e-4, wd 1e-4, 12 epochs (steps 8, 11), 2 images per GPU, single scale (1333, 800).
 # Official result: AP^b 49.8 (retinanet_b_1x_12_epoch.pth).
 _base_ = [

@@ -1,4 +1,4 @@
-# RAVLT-S (RALA) RetinaNet 1x on COCO, as the official config (spec mala_rala.md §4.7):
+# RAVLT-S (RALA) RetinaNet 1x on COCO, as the official config:
 # AdamW lr 1e-4, wd 1e-4, 12 epochs (steps 8, 11), 2 images per GPU, single scale (1333, 800).
 # Official result: AP^b 48.3 (retinanet_s_1x_12_epoch.pth).
 _base_ = [

@@ -1,4 +1,4 @@
-# RAVLT-T (RALA) Semantic FPN on ADE20K, as the official config (spec mala_rala.md §4.7):
+# RAVLT-T (RALA) Semantic FPN on ADE20K, as the official config:
 # AdamW lr 1e-4, wd 1e-4, 80k iterations, poly (0.9), 2 images per GPU, 512x512 crops.
 # Official result: mIoU 47.9 (fpn_t_1x.pth).
 _base_ = [

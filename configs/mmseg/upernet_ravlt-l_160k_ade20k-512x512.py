@@ -1,4 +1,4 @@
-# RAVLT-L (RALA) UPerNet on ADE20K, as the official config (spec mala_rala.md §4.7):
+# RAVLT-L (RALA) UPerNet on ADE20K, as the official config:
 # AdamW lr 6e-5, wd 0.01, 160k iterations (warmup 1500, poly 1.0), 2 images per GPU, 512x512 crops.
 # Official result: mIoU 53.2 (uper_l_2x.pth).
 _base_ = [

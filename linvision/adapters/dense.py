@@ -2,9 +2,9 @@
 
 :class:`DenseBackbone` turns any timm-registered model (``features_only=True``) into a detection /
 segmentation trunk: a list of NCHW maps (high resolution first), an optional LayerNorm2d per output
-(the official MALA/RALA dense backbones' ``extra_norms``, spec mala_rala.md §3.4/§4.4, with the
-same key names ``extra_norms.{i}.norm.{weight,bias}``), ``frozen_stages`` and ``norm_eval`` with
-mmdet's meaning, and :meth:`DenseBackbone.load_checkpoint`, which loads
+(the official MALA/RALA dense backbones' ``extra_norms``, with the same key names
+``extra_norms.{i}.norm.{weight,bias}``), ``frozen_stages`` and ``norm_eval`` with mmdet's meaning,
+and :meth:`DenseBackbone.load_checkpoint`, which loads
 
 * official classification checkpoints (qhfan/MALA, qhfan/RALA: ``{'model': ...}`` …),
 * official dense checkpoints (mmdet/mmseg: ``{'state_dict': {'backbone.…', 'neck.…', …}, 'meta'}``,
@@ -53,7 +53,7 @@ _HEAD_KEYS = re.compile(r"^(conv_head|norm_head|head)\.")
 
 class OutputNorm(nn.Module):
     """LayerNorm2d (eps 1e-6) on one stage output; the extra ``.norm`` level gives the official key
-    names ``extra_norms.{i}.norm.{weight,bias}`` (spec mala_rala.md §3.4)."""
+    names ``extra_norms.{i}.norm.{weight,bias}``."""
 
     def __init__(self, num_channels: int):
         super().__init__()

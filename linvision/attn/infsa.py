@@ -1,6 +1,6 @@
 """Infinite self-attention: pure InfSA and Linear-InfSA (giorgioroffo/infinite-self-attention).
 
-Spec: ../shared/specs/qt_mirror_infsa.md §3.2. With ``q' = q/√d``, ``k' = k/√d`` and the discount
+As the released code computes it, with ``q' = q/√d``, ``k' = k/√d`` and the discount
 ``ρ = sigmoid(rho_logit)``:
 
 * pure (O(N²·d), short sequences only)::
@@ -17,12 +17,12 @@ Spec: ../shared/specs/qt_mirror_infsa.md §3.2. With ``q' = q/√d``, ``k' = k/�
       out_i = g   for EVERY token i
 
   Linear-InfSA therefore gives every token of a (sample, head) the same mixed vector, as the
-  released code does (spec §3.2): token-specific information flows only through the host's
+  released code does: token-specific information flows only through the host's
   residual and MLP. The pooling ``g`` is the core's ``division`` form with constant features
   (φ ≡ 1) and per-key weights ``a_j``, with ``eps = 1e-6/N`` (the core averages; the official code sums).
 
 Unlike the released module, whose ``sigmoid(rho_logit).item()`` cuts the gradient so ρ never
-trains (spec §3.2), ρ here is a tensor in the graph and receives a gradient.
+trains, ρ here is a tensor in the graph and receives a gradient.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """MALA: Magnitude-Aware Linear Attention (MAViT, qhfan/MALA ``AddLinearAttention``).
 
-Spec: ../shared/specs/mala_rala.md §3.1. With φ = ELU+1 and s = head_dim^-½::
+As the official code computes it, with φ = ELU+1 and s = head_dim^-½::
 
     z_i   = s · φ(q_i) · mean_j φ(k_j)                       (un-rotated features)
     out_i = (s/N) Σ_j (Rφq_i · Rφk_j) v_j · (1 + 1/(z_i + 1e-6)) − z_i · mean_j v_j

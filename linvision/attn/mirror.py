@@ -1,9 +1,9 @@
 """MirrorLA: learnable Householder reflections before a ReLU feature map (arXiv 2602.04346).
 
-Spec: ../shared/specs/qt_mirror_infsa.md §2. **No official code, checkpoints or method text exist**:
-the abstract only states "block-wise isometries → variance-aware (angle) modulation → cross-head
-reflections" applied before a non-negative map. Everything concrete below is this module's
-reconstruction (spec §2.2, [RECON]); each choice is a constructor argument.
+**No official code, checkpoints or method text exist**: the abstract only states "block-wise
+isometries → variance-aware (angle) modulation → cross-head reflections" applied before a
+non-negative map. Everything concrete below is this module's
+reconstruction; each choice is a constructor argument.
 
 The same orthogonal map ``T`` is applied to q and k of a sample, so ``Σ_h ⟨Tq, Tk⟩ = Σ_h ⟨q, k⟩``
 before the non-negativity; then ``φ = ReLU`` and the core's ``division`` normalisation::
@@ -17,9 +17,9 @@ symmetric, ``H² = I``; applied in O(m) per token):
   rotated by the product of two reflections ``H(t) H(â + t)``, which maps a learnable unit direction
   ``â`` exactly onto ``t = normalize((1 − λ)·â + λ·𝟙/√b)`` and acts only in span(â, 𝟙): it turns
   ``â`` a fraction λ of the way towards the positive diagonal ("into the non-negative orthant").
-  λ = 0 is the identity; λ = 1 is the full data-aligned rotation of spec §2.2. (Two reflections,
-  not one: a single reflection has det −1 and cannot approach the identity; spec §2.2 notes that
-  a product of two reflections is a rotation.)
+  λ = 0 is the identity; λ = 1 is the full data-aligned rotation (``â`` onto the diagonal). (Two
+  reflections, not one: a single reflection has det −1 and cannot approach the identity; a product
+  of two reflections is a rotation.)
 * variance-aware angle modulation: ``λ = sigmoid(γ · log(σ² + 1e-6) + β)`` per sample and block,
   with σ² the token variance of q and k in that block (pooled, so q and k share ``T``), γ and β
   learnable per (head, block). With ``variance_modulation=False``, ``λ = sigmoid(β)``.
@@ -52,17 +52,19 @@ def householder(x: Tensor, u: Tensor) -> Tensor:
 class MirrorLinearAttention(nn.Module):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
-    Args (all reconstructed design choices, spec §2.2):
+    Args (all reconstructed design choices):
         dim, num_heads: channels C and heads h (d = C/h).
         block_size: size of the block-wise isometries; ``None`` = d (one block per head).
         variance_modulation: make the block rotation angle λ depend on the token variance.
         cross_head_reflections: number of full-width (cross-head) reflections; 0 disables them.
         cross_head_position: ``"last"`` (the abstract's order: blocks, modulation, cross-head;
-            default) or ``"first"`` (spec §2.2's proposed pipeline).
+            default) or ``"first"`` (global mixing before the blocks; the order matters only through
+            the variance modulation).
         value_conv_kernel_size: optional depthwise conv on V shared by heads (as in the group's
             PolaFormer), added to the output; ``None`` (default) — the LinViT host has LePE.
         eps: denominator epsilon of the division normalisation.
-    Not implemented: the speculative auxiliary "Householder loss" (spec §2.2 item 7).
+    Not implemented: an auxiliary loss on the reflections (e.g. a penalty on the negative mass after
+    them), which nothing published describes.
     """
 
     uses_rope = False

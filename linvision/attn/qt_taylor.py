@@ -1,7 +1,7 @@
 """QT-ViT: linear attention with the quadratic Taylor kernel (AMD_QTViT ``LiteMLA.relu_linear_att``).
 
-Spec: ../shared/specs/qt_mirror_infsa.md §1.2. The released kernel is not the full second-order
-expansion but its diagonal ("compact") part plus a learnable constant ``s`` (init 1)::
+The released kernel is not the full second-order expansion but its diagonal ("compact") part plus
+a learnable constant ``s`` (init 1)::
 
     x̂ = x/(‖x‖ + ε),  x̃ = x̂ ⊙ x̂,  x̄ = x̃/(‖x̃‖ + ε),  φ(x) = [x̄ ; s] ∈ ℝ^{d+1}     (ε = 1e-15)
     κ(q, k) = φ(q)·φ(k) = Σ_i q_i² k_i² / (‖q²‖ ‖k²‖) + s²
@@ -43,7 +43,7 @@ class QuadraticTaylorAttention(nn.Module):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     In the official EfficientViT host the 1×1 and DW5×5-aggregated scales act as ``2h`` independent
-    heads: build this mixer with ``dim = 2hd`` and ``num_heads = 2h`` there (spec §1.2 step 1).
+    heads: build this mixer with ``dim = 2hd`` and ``num_heads = 2h`` there.
 
     Args:
         dim, num_heads: channels C and heads of the attention (d = C/heads).
@@ -100,7 +100,7 @@ class QuadraticTaylorAttention(nn.Module):
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw)
         n = q.shape[2]
         dt = compute_dtype(v)
-        # The official attention core runs with autocast disabled, in fp32 (spec §1.2 step 1).
+        # The official attention core runs with autocast disabled, in fp32.
         with torch.autocast(device_type=q.device.type, enabled=False):
             pe = self.key_positional_encoding(hw)
             k_in = k.to(dt) if pe is None else k.to(dt) + pe.to(dt)

@@ -1,6 +1,6 @@
 """RALA: Rank-Augmented Linear Attention (RAVLT, qhfan/RALA ``GateLinearAttentionNoSilu``).
 
-Spec: ../shared/specs/mala_rala.md §4.1. With φ = ELU+1 and s = head_dim^-½, a global query
+As the official code computes it, with φ = ELU+1 and s = head_dim^-½, a global query
 reweights the keys (KV-buffer rank augmentation)::
 
     α_j   = softmax_j( s · mean_i φ(q_i) · φ(k_j) )

@@ -1,6 +1,6 @@
 """2-D axial rotary position embedding (RoPE) as used by MAViT and RAVLT.
 
-Spec: ../shared/specs/mala_rala.md §2.3. For head dim ``d`` (divisible by 4):
+As in the official MAViT/RAVLT code. For head dim ``d`` (divisible by 4):
 
 * ``θ_p = 1 / 10000 ** linspace(0, 1, d/4)`` (both ends included, *not* the usual ``p/n``);
 * the ``angle`` buffer is θ with every entry repeated twice: ``[θ0, θ0, θ1, θ1, ...]`` (``d/2``);

@@ -1,6 +1,6 @@
 """Softmax attention (SDPA) with 2-D RoPE, for the hybrid models' low-resolution stages.
 
-Spec: ../shared/specs/mala_rala.md §2.6: ``U = softmax_j((s·Rq_i)·Rk_j) v`` on the raw (not
+As in the official MAViT/RAVLT code: ``U = softmax_j((s·Rq_i)·Rk_j) v`` on the raw (not
 φ-mapped) q and k, with s = head_dim^-½; no mask, no dropout. Cost is quadratic in N.
 """
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """FLatten-PVTv2: timm's ``PyramidVisionTransformerV2`` with focused linear attention in every block.
 
-Official code: LeapLabTHU/FLatten-Transformer ``models/flatten_pvt_v2.py`` (spec
-../shared/specs/flatten_inline.md §1.3–1.6, §3). The host is unchanged PVTv2 — overlapping patch
-embeddings (7×7/4, then 3×3/2; LayerNorm eps 1e-5), MLP fc1 → 3×3 DWConv → GELU → fc2 (ratios
-8, 8, 4, 4), a LayerNorm (eps 1e-6) closing every stage, mean pool, linear head — so the model *is*
-:class:`timm.models.pvt_v2.PyramidVisionTransformerV2` (``sr_ratios=1``, ``linear=False``) whose
-``Attention`` modules are swapped for :class:`~linvision.backbones.pvt.PvtLinearAttention`: the
-same ``q``/``kv``/``proj`` Linears around :class:`~linvision.attn.FocusedLinearAttention`. With
-sr = 1 the original PVTv2 spatial-reduction conv is gone, which is why FLatten-PVTv2 has fewer
-parameters than PVTv2. ``attn='inline'`` builds the InLine counterpart (no official release).
+Official code: LeapLabTHU/FLatten-Transformer ``models/flatten_pvt_v2.py``. The host is unchanged
+PVTv2 — overlapping patch embeddings (7×7/4, then 3×3/2; LayerNorm eps 1e-5), MLP fc1 → 3×3 DWConv →
+GELU → fc2 (ratios 8, 8, 4, 4), a LayerNorm (eps 1e-6) closing every stage, mean pool, linear head —
+so the model *is* :class:`timm.models.pvt_v2.PyramidVisionTransformerV2` (``sr_ratios=1``,
+``linear=False``) whose ``Attention`` modules are swapped for
+:class:`~linvision.backbones.pvt.PvtLinearAttention`: the same ``q``/``kv``/``proj`` Linears around
+:class:`~linvision.attn.FocusedLinearAttention`. With sr = 1 the original PVTv2 spatial-reduction
+conv is gone, which is why FLatten-PVTv2 has fewer parameters than PVTv2. ``attn='inline'`` builds
+the InLine counterpart (no official release).
 
 Any input size works: the patch-embedding convs are padded (grids ⌈H/4⌉, ⌈H/8⌉, ...), and the
 FLatten positional-encoding tables, fixed at the ``img_size`` grids (56, 28, 14, 7 at 224) as in the
@@ -132,7 +132,7 @@ default_cfgs = generate_default_cfgs({
     **{f"flatten_pvt_v2_b{i}.untrained": cfg(**FLATTEN) for i in range(1, 5)},
 })
 
-# Official PVTv2 sizes with the official cfg drop-path rates (spec §1.7); drop_path_rate= overrides.
+# Official PVTv2 sizes with the official cfg drop-path rates; drop_path_rate= overrides.
 _WIDE = (64, 128, 320, 512)
 _SIZES = {
     "b0": dict(depths=(2, 2, 2, 2), embed_dims=(32, 64, 160, 256), drop_path_rate=0.1),

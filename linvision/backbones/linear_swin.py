@@ -1,8 +1,7 @@
 """FLatten-Swin and InLine-Swin: timm's Swin Transformer with linear attention in the early stages.
 
-Official architectures (spec ../shared/specs/flatten_inline.md §1.3–1.6, §2.3–2.6, §3), built on
-timm's own :class:`~timm.models.swin_transformer.SwinTransformer` with the blocks of the linear
-stages swapped:
+The official architectures, built on timm's own
+:class:`~timm.models.swin_transformer.SwinTransformer` with the blocks of the linear stages swapped:
 
 * ``flatten_swin_{t,s,b,b_384}`` — FLatten (LeapLabTHU/FLatten-Transformer): stage pattern ``LLSS``,
   :class:`linvision.attn.FocusedLinearAttention` ("L": focused kernel, learnable K positional
@@ -123,11 +122,11 @@ class GlobalLinearAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        # [Q | K | V], each C wide with channel = head·d + i (spec §1.1 step 1).
+        # [Q | K | V], each C wide with channel = head·d + i, as in the official code.
         q, k, v = self.qkv(x).reshape(b, h * w, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_type == "I":
             # InLine predicts its local kernels from the token mean of the attention input, i.e.
-            # the post-norm1 map of the (single, global) window (spec §2.1 step 6).
+            # the post-norm1 map of the (single, global) window.
             out = self.mixer(q, k, v, hw=(h, w), token_mean=x.mean(dim=1))
         else:
             out = self.mixer(q, k, v, hw=(h, w))
@@ -139,7 +138,7 @@ class LinearSwinBlock(nn.Module):
     """Swin block whose attention is one global linear-attention window: ``(B, H, W, C)`` in and out.
 
     ``x + DropPath(attn(norm1(x)))`` then ``x + DropPath(mlp(norm2(x)))``, the official block with
-    window = stage map, shift 0 and no mask (spec §1.3, §2.3). Any ``H×W`` works.
+    window = stage map, shift 0 and no mask. Any ``H×W`` works.
     """
 
     def __init__(self, dim: int, input_resolution: Tuple[int, int], num_heads: int, attn_type: str,
@@ -303,7 +302,7 @@ def _adapt_table(k: str, v: torch.Tensor, model: nn.Module, params: Dict[str, to
         return v
     if k.endswith("mixer.positional_encoding") and v.dim() == 3 and v.shape[2] == target.shape[2]:
         # A (1, s², C) table trained on an s×s map, resized bicubically to the model's grid as the
-        # official 384 fine-tune loader does (spec §1.7).
+        # official 384 fine-tune loader does.
         side = math.isqrt(v.shape[1])
         if side * side == v.shape[1]:
             grid = model.get_submodule(k[: -len(".positional_encoding")]).positional_encoding_grid
@@ -330,10 +329,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module,
       other); strips ``module.``. (timm's *file* loader unwraps before this filter runs and takes
       ``state_dict_ema`` first; a container passed as ``pretrained_cfg_overlay=dict(state_dict=...)``
       reaches the filter whole.)
-    * Official keys (spec §1.6, §2.6) are renamed: ``layers.{i}.downsample`` (end of stage i) →
+    * Official keys are renamed: ``layers.{i}.downsample`` (end of stage i) →
       ``layers.{i+1}.downsample``, ``head.*`` → ``head.fc.*``, ``attn.{scale, positional_encoding,
       dwc, residual}`` → ``attn.mixer.*``. The stored buffers ``relative_position_index`` and
-      ``attn_mask`` are dropped: the model recomputes them (spec §3.11). Native state dicts keep
+      ``attn_mask`` are dropped: the model recomputes them. Native state dicts keep
       their keys.
     * FLatten positional tables and relative-position tables of another resolution are resized
       bicubically to the model (e.g. 224 weights into a model built at 384).
@@ -383,7 +382,7 @@ def _create_linear_swin(variant: str, pretrained: bool = False, **kwargs) -> Lin
 
 
 def _cfg(url: str = "", **kwargs) -> Dict[str, Any]:
-    # Official eval (spec §3.12): PIL bicubic resize to a *square* ⌊S/crop_pct⌋ ignoring the aspect
+    # Official eval: PIL bicubic resize to a *square* ⌊S/crop_pct⌋ ignoring the aspect
     # ratio (timm's 'squash'), center crop S, ImageNet mean/std.
     return {
         "url": url, "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": (7, 7),
@@ -399,8 +398,8 @@ _FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focuse
 _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention",
                paper_ids="arXiv:2412.06590", origin_url="https://github.com/LeapLabTHU/InLine")
 # The share links name no file (torch.hub cannot cache them under a file name), and the training
-# script saves {'model': ..., 'config': <yacs CfgNode>, ...} (spec §1.6, §3.13; whether the released
-# files were stripped is unverified).
+# script saves {'model': ..., 'config': <yacs CfgNode>, ...} (whether the released files were
+# stripped is unverified).
 _RELEASE_NOTES = ("Tsinghua Cloud share link of the official release; download it and load it with "
                   "pretrained_cfg_overlay=dict(file=...)",
                   "saved by the official training script as {'model': ..., 'config': yacs CfgNode, ...}; a pickled "
@@ -425,7 +424,7 @@ default_cfgs = generate_default_cfgs({
     "inline_swin_b_384.untrained": _cfg(**_384, **_INLINE),
 })
 
-# Official sizes; drop-path rates are the official training ones (spec §1.4, §2.4).
+# Official sizes; drop-path rates are the official training ones.
 _SIZES = {
     "t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
     "s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),

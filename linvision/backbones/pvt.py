@@ -1,9 +1,8 @@
 """FLatten-PVT and InLine-PVT: Pyramid Vision Transformer (v1) with linear attention in every block.
 
 Official code: LeapLabTHU/FLatten-Transformer ``models/flatten_pvt.py`` (FLatten, ICCV 2023) and
-LeapLabTHU/InLine ``models/inline_pvt.py`` (InLine, NeurIPS 2024); spec
-../shared/specs/flatten_inline.md §1.3–1.6, §2.3–2.6 and §3. timm has no PVT v1, so the host is
-written here, laid out like timm's ``pvt_v2`` (``patch_embed``, ``stages.{i}.downsample``,
+LeapLabTHU/InLine ``models/inline_pvt.py`` (InLine, NeurIPS 2024). timm has no PVT v1, so the host
+is written here, laid out like timm's ``pvt_v2`` (``patch_embed``, ``stages.{i}.downsample``,
 ``stages.{i}.blocks.{j}``).
 
 Skeleton (PVT v1 without its cls token):
@@ -120,7 +119,7 @@ class PvtLinearAttention(nn.Module):
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
         k, v = self.kv(x).reshape(b, n, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         if self.attn_type == "inline":
-            # The local kernels are predicted from the mean of the attention input (post-norm1 X), spec §2.1.6.
+            # The local kernels are predicted from the mean of the attention input (post-norm1 X).
             out = self.mixer(q, k, v, hw=hw, token_mean=x.mean(dim=1))
         else:
             out = self.mixer(q, k, v, hw=hw)
@@ -195,7 +194,7 @@ class PvtStage(nn.Module):
     def resized_pos_embed(self, hw: GridSize) -> torch.Tensor:
         """``pos_embed`` for an ``H×W`` grid, ``(1, H·W, C)``: bilinear resize (official ``_get_pos_embed``)."""
         if tuple(hw) == self.pos_embed_grid:
-            return self.pos_embed  # the official same-size bilinear resize is the identity (spec §4)
+            return self.pos_embed  # the official same-size bilinear resize is the identity
         gh, gw = self.pos_embed_grid
         table = self.pos_embed.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
         table = F.interpolate(table, size=tuple(hw), mode="bilinear", align_corners=False)
@@ -428,7 +427,7 @@ def strip_prefixes(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tenso
 
 def resize_tables(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Resize square ``pos_embed`` (bilinear) and ``positional_encoding`` (bicubic) tables of another
-    resolution to the model's grids, as the official 384 fine-tune loader does (spec §1.7)."""
+    resolution to the model's grids, as the official 384 fine-tune loader does."""
     target = model.state_dict()
     for k, v in state_dict.items():
         leaf = k.rsplit(".", 1)[-1]
@@ -494,7 +493,7 @@ def tsinghua_url(share_id: str) -> str:
 
 
 _WEIGHTS_NOTE = ("Tsinghua Cloud share of a training checkpoint {'model': state_dict, 'config': yacs CfgNode, ...}; "
-                 "unpickling the config needs torch.load(weights_only=False) (spec §3.13)")
+                 "unpickling the config needs torch.load(weights_only=False)")
 FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention",
                paper_ids="arXiv:2308.00442", origin_url="https://github.com/LeapLabTHU/FLatten-Transformer",
                license="unknown")
@@ -503,7 +502,7 @@ INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear 
 
 
 def cfg(url: str = "", **kwargs) -> Dict:
-    """Official evaluation preprocessing (spec §3.12): bicubic resize of the whole image to a square
+    """Official evaluation preprocessing: bicubic resize of the whole image to a square
     ``⌊S/0.875⌋`` (256 at 224, aspect ratio not kept: timm's ``crop_mode='squash'``), center crop S,
     ImageNet mean/std."""
     return {
@@ -528,7 +527,7 @@ default_cfgs = generate_default_cfgs({
     "inline_pvt_l.in1k": cfg(tsinghua_url("efd91318ba964f01b288"), **INLINE),
 })
 
-# Official sizes (PVT-T/S/M/L depths) with the official cfg drop-path rates (spec §1.7, §2.7); any
+# Official sizes (PVT-T/S/M/L depths) with the official cfg drop-path rates; any
 # drop_path_rate= passed to create_model overrides them.
 _SIZES = {
     "t": dict(depths=(2, 2, 2, 2), drop_path_rate=0.1),
@@ -595,5 +594,5 @@ def inline_pvt_m(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer
 @register_model
 def inline_pvt_l(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
     """InLine-PVT-L (official cfg ``inline_pvt_b.yaml`` → ``inline_pvt_large``): 51,154,280 parameters
-    (the README's 50.2M is off, spec §2.4)."""
+    (the InLine README's 50.2M is off)."""
     return _inline_pvt("inline_pvt_l", "l", pretrained, **kwargs)

@@ -23,6 +23,6 @@ load_from = None
 resume = False
 
 # The backbone uses plain BatchNorm (safe in one process). The official dense backbones hard-code
-# SyncBatchNorm (spec mala_rala.md §3.4); mmengine's Runner converts every BN to SyncBN only in
+# SyncBatchNorm; mmengine's Runner converts every BN to SyncBN only in
 # distributed runs when sync_bn is set, and reverts SyncBN heads to BN in single-process runs.
 sync_bn = 'torch'

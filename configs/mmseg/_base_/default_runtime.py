@@ -15,5 +15,5 @@ resume = False
 tta_model = dict(type='SegTTAModel')
 
 # Plain BN in the backbone; BN → SyncBN only in distributed runs (the official backbones hard-code
-# SyncBN, spec mala_rala.md §3.4); SyncBN heads are reverted to BN by the Runner in one process.
+# SyncBN); SyncBN heads are reverted to BN by the Runner in one process.
 sync_bn = 'torch'

@@ -1,5 +1,5 @@
 # COCO instance segmentation with the 3x multi-scale + crop augmentation of the official MALA/RALA
-# configs (spec mala_rala.md §3.7: AutoAugment from DETR / Sparse R-CNN): either resize the short
+# configs (AutoAugment as in DETR / Sparse R-CNN): either resize the short
 # side to 480-800 (step 32, long side <= 1333), or resize to 400/500/600, crop 384-600
 # (absolute_range) and resize to 480-800. Same as mmdet's Swin/ConvNeXt "ms-crop-3x" configs.
 _base_ = ['./coco_instance.py']

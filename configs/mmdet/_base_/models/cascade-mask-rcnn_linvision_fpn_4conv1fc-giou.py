@@ -1,5 +1,5 @@
 # Cascade Mask R-CNN + FPN (mmdet 3.x configs/_base_/models/cascade-mask-rcnn_r50_fpn.py) on a
-# linvision backbone, with the official MALA/RALA box heads (spec mala_rala.md §3.7): three
+# linvision backbone, with the official MALA/RALA box heads: three
 # 4conv1fc heads with SyncBN, decoded-box GIoU loss (as mmdet's ConvNeXt cascade configs).
 # SyncBN in the heads is reverted to BN by mmengine's Runner in single-process runs.
 custom_imports = dict(imports=['linvision.adapters.mm'], allow_failed_imports=False)

@@ -17,8 +17,8 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         out_norms=True,  # official per-stage LayerNorm2d (extra_norms)
         frozen_stages=-1,
-        # The official configs say norm_eval=True, but with their SyncBN it had no effect (spec
-        # mala_rala.md §3.4): the BNs trained. False reproduces what they did.
+        # The official configs say norm_eval=True, but with their SyncBN it had no effect:
+        # the BNs trained. False reproduces what they did.
         norm_eval=False,
     ),
     neck=dict(

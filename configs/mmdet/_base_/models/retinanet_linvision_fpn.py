@@ -1,6 +1,6 @@
 # RetinaNet + FPN (mmdet 3.x configs/_base_/models/retinanet_r50_fpn.py) on a linvision backbone:
 # backbone stages (0, 1, 2, 3), FPN from stage 1 with P6/P7 convs on the input (start_level=1,
-# add_extra_convs='on_input'), as in the official MALA/RALA configs (spec mala_rala.md §3.7).
+# add_extra_convs='on_input'), as in the official MALA/RALA configs.
 custom_imports = dict(imports=['linvision.adapters.mm'], allow_failed_imports=False)
 
 model = dict(

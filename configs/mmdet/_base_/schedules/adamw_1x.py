@@ -1,4 +1,4 @@
-# 1x schedule of the official MALA/RALA Mask R-CNN configs (spec mala_rala.md §3.7, §4.7):
+# 1x schedule of the official MALA/RALA Mask R-CNN configs:
 # AdamW (the per-model config sets lr: MAViT 4e-4, RAVLT 1e-4), wd 0.05, no decay on norms and
 # position tables, 12 epochs, lr x0.1 at epochs 8 and 11, 500-iteration linear warmup from 1e-3,
 # 2 images per GPU (the GPU count is not stated upstream; mmdet's convention is 8 → batch 16).

@@ -1,5 +1,5 @@
-# 3x schedule of the official MALA/RALA Mask R-CNN / Cascade Mask R-CNN configs (spec
-# mala_rala.md §3.7, §4.7): the 1x optimizer, 36 epochs, lr x0.1 at epochs 27 and 33.
+# 3x schedule of the official MALA/RALA Mask R-CNN / Cascade Mask R-CNN configs:
+# the 1x optimizer, 36 epochs, lr x0.1 at epochs 27 and 33.
 _base_ = ['./adamw_1x.py']
 
 max_epochs = 36

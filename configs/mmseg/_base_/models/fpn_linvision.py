@@ -1,5 +1,5 @@
 # Semantic FPN (mmseg 1.x configs/_base_/models/fpn_r50.py) on a linvision backbone, as the official
-# MALA/RALA configs (spec mala_rala.md §3.7): FPN 256 channels, 4 levels, FPNHead 128 channels.
+# MALA/RALA configs: FPN 256 channels, 4 levels, FPNHead 128 channels.
 # The per-model config sets backbone.model_name, backbone.init_cfg and neck.in_channels.
 # SyncBN in the head is reverted to BN by mmengine's Runner in single-process runs.
 custom_imports = dict(imports=['linvision.adapters.mm'], allow_failed_imports=False)
@@ -22,7 +22,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         out_norms=True,  # official per-stage LayerNorm2d (extra_norms)
         frozen_stages=-1,
-        norm_eval=False,  # official norm_eval=True had no effect with SyncBN (spec §3.4)
+        norm_eval=False,  # official norm_eval=True had no effect with SyncBN (its BNs trained)
     ),
     neck=dict(
         type='FPN',

@@ -1,5 +1,5 @@
 # UPerNet (mmseg 1.x configs/_base_/models/upernet_swin.py) on a linvision backbone, as the official
-# MALA/RALA configs (spec mala_rala.md §3.7): UPerHead 512 channels, PPM (1, 2, 3, 6), auxiliary
+# MALA/RALA configs: UPerHead 512 channels, PPM (1, 2, 3, 6), auxiliary
 # FCNHead on stage 2 with weight 0.4. SyncBN is reverted to BN by the Runner in one process.
 custom_imports = dict(imports=['linvision.adapters.mm'], allow_failed_imports=False)
 
@@ -21,7 +21,7 @@ model = dict(
         out_indices=(0, 1, 2, 3),
         out_norms=True,
         frozen_stages=-1,
-        norm_eval=False,  # official norm_eval=True had no effect with SyncBN (spec §3.4)
+        norm_eval=False,  # official norm_eval=True had no effect with SyncBN (its BNs trained)
     ),
     decode_head=dict(
         type='UPerHead',

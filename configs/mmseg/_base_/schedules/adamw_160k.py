@@ -1,4 +1,4 @@
-# UPerNet schedule of the official MALA/RALA configs (spec mala_rala.md §3.7, §4.7): AdamW lr 6e-5,
+# UPerNet schedule of the official MALA/RALA configs: AdamW lr 6e-5,
 # wd 0.01 (none on norms), 1500-iteration linear warmup from 1e-6, then poly decay (power 1.0,
 # min lr 0) to 160k iterations, 2 images per GPU, mixed precision (upstream Fp16OptimizerHook).
 optim_wrapper = dict(

@@ -1,4 +1,4 @@
-# Semantic FPN schedule of the official MALA/RALA configs (spec mala_rala.md §3.7, §4.7): AdamW
+# Semantic FPN schedule of the official MALA/RALA configs: AdamW
 # lr 1e-4, wd 1e-4, 80k iterations, poly decay (power 0.9, min lr 1e-6), 2 images per GPU.
 optim_wrapper = dict(
     type='OptimWrapper',
