@@ -1,7 +1,6 @@
 """Infinite self-attention: pure InfSA and Linear-InfSA (giorgioroffo/infinite-self-attention).
 
-Spec: ../shared/specs/qt_mirror_infsa.md §3.2. With ``q' = q/√d``, ``k' = k/√d`` and the discount
-``ρ = sigmoid(rho_logit)``:
+With ``q' = q/√d``, ``k' = k/√d`` and the discount ``ρ = sigmoid(rho_logit)``:
 
 * pure (O(N²·d), short sequences only)::
 
@@ -17,12 +16,12 @@ Spec: ../shared/specs/qt_mirror_infsa.md §3.2. With ``q' = q/√d``, ``k' = k/�
       out_i = g   for EVERY token i
 
   Linear-InfSA therefore gives every token of a (sample, head) the same mixed vector, as the
-  released code does (spec §3.2): token-specific information flows only through the host's
+  released code does: token-specific information flows only through the host's
   residual and MLP. The pooling ``g`` is the core's ``division`` form with constant features
   (φ ≡ 1) and per-key weights ``a_j``, with ``eps = 1e-6/N`` (the core averages; the official code sums).
 
 Unlike the released module, whose ``sigmoid(rho_logit).item()`` cuts the gradient so ρ never
-trains (spec §3.2), ρ here is a tensor in the graph and receives a gradient.
+trains, ρ here is a tensor in the graph and receives a gradient.
 """
 from __future__ import annotations
 
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from .core import compute_dtype, linear_attention
 from .grid import check_mixer_inputs
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["InfiniteSelfAttention", "INFSA_FORMS"]
@@ -42,7 +42,7 @@ __all__ = ["InfiniteSelfAttention", "INFSA_FORMS"]
 INFSA_FORMS = ("linear", "pure")
 
 
-class InfiniteSelfAttention(nn.Module):
+class InfiniteSelfAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args:
@@ -101,10 +101,10 @@ class InfiniteSelfAttention(nn.Module):
         return F.relu((q_bar * ks).sum(-1))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         """``q, k, v``: raw ``(B, heads, N, d)`` projections with ``N = num_prefix_tokens + H·W``. The
         official module accepts masks and ignores them (bidirectional); there is none here. ``rope``
-        is ignored."""
+        and ``token_mean`` are ignored."""
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw,
                            num_prefix_tokens=self.num_prefix_tokens)
         with torch.autocast(device_type=q.device.type, enabled=False):

@@ -1,7 +1,6 @@
 """InLine: Injective Linear Attention (LeapLabTHU/InLine ``InLineAttention``).
 
-Spec: ../shared/specs/flatten_inline.md §2.1–2.2 and §3.5–3.6. On raw q, k (no kernel function,
-no positional encoding, no epsilon; spec §2.1 steps 2–5) with ``α = d^-½``::
+On raw q, k (no kernel function, no positional encoding, no epsilon, as in the official code) with ``α = d^-½``::
 
     w_ij  = (s_ij − mean_t s_it)/N + 1/N,   s_ij = α q_i·k_j     (rows sum to 1, entries may be < 0)
     Y_i   = Σ_j w_ij v_j = (α/N) Σ_j (q_i·k_j) v_j + (1 − α q_i·k̄) v̄
@@ -20,19 +19,20 @@ from torch import Tensor, nn
 
 from .core import linear_attention
 from .grid import check_mixer_inputs
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["InjectiveLinearAttention"]
 
 
-class InjectiveLinearAttention(nn.Module):
+class InjectiveLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args:
         dim, num_heads: channels C and heads h of the attention (d = C/h).
         num_prefix_tokens: tokens (e.g. DeiT's cls) in front of the ``H×W`` patch tokens. They take
             part in the attention and in the token mean, but are excluded from the local conv and
-            receive no local term (spec §2.1 step 6). Default 0 (hierarchical hosts).
+            receive no local term. Default 0 (hierarchical hosts).
         local_kernel_size: kernel of the dynamic depthwise conv (official 3).
         local_residual: add the dynamic local term (official: always). ``False`` leaves the pure
             injective attention (ablations, tests).
@@ -84,7 +84,7 @@ class InjectiveLinearAttention(nn.Module):
 
         ``token_mean``: ``(B, C)``, the mean over all N tokens (prefix included) of the attention
         input X from which the official code predicts the local kernels (post-norm1 X; CSWin: the
-        pre-norm block input, spec §2.3). Hosts that load official weights must pass it. When it is
+        pre-norm block input). Hosts that load official weights must pass it. When it is
         ``None`` the mean of ``v`` over all tokens is used instead — an affine image of mean(X), the
         choice for hosts such as LinViT that hand the mixer only its projections.
         ``rope`` is ignored (``uses_rope = False``).
@@ -92,7 +92,7 @@ class InjectiveLinearAttention(nn.Module):
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw,
                            num_prefix_tokens=self.num_prefix_tokens)
         b, h, n, d = v.shape
-        # No epsilon and no clamping: the weights may be negative (spec §3.5).
+        # No epsilon and no clamping: the weights may be negative.
         out = linear_attention(q, k, v, normalization="injective", feature_map="identity", scale=self.scale,
                                backend=self.backend)
         if self.residual is None:
