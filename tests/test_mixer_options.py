@@ -91,3 +91,13 @@ def test_softmax_stages_take_no_options():
     # The options of the default mechanism are checked against it, not against softmax.
     with pytest.raises(TypeError, match="'mala' attention"):
         timm.create_model("mavit_t", attn_kwargs=dict(focusing_power=4))
+
+
+def test_vit_hosts_accept_attn_kwargs():
+    model = timm.create_model("inline_deit_t", img_size=32, patch_size=16, depth=1, attn_kwargs=dict(backend="torch"))
+    assert {m.backend for m in _mixers(model)} == {"torch"}
+    model = timm.create_model("infvit_linear_4l", img_size=32, patch_size=16, embed_dim=64, num_heads=2,
+                              attn_kwargs=dict(rho_trainable=False, backend="torch"))
+    assert all(not m.rho_logit.requires_grad and m.backend == "torch" for m in _mixers(model))
+    with pytest.raises(TypeError, match="'inline' attention .* no option 'focusing_power'"):
+        timm.create_model("inline_deit_t", attn_kwargs=dict(focusing_power=3))
