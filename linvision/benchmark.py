@@ -27,6 +27,9 @@ under autocast (bfloat16 by default) unless ``amp`` is off. Times come from CUDA
 (``time.perf_counter`` on CPU); the median of the timed calls is reported. With ``cuda_graph`` (inference)
 the call is captured in a CUDA graph after the warm-up and its replays are timed.
 
+The device timers are public for the other benchmarks (``tools/benchmark_attn.py``): :func:`capture_graph`,
+:func:`time_clean` (L2 evicted by a read before each call) and :func:`replay_time` (both together).
+
 ``cold_start`` adds one ``kind: "cold_start"`` object per model and resolution, before that model's first
 case there: ``first_forward_s`` (wall time of the first inference call in this process, Triton compiles
 and any tuning included), ``first_train_step_s`` (the first training step, when training is measured) and
@@ -53,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Options", "parse_img_size", "plan_cases", "resolve_models", "model_kwargs", "run", "plot",
-           "read_jsonl", "summary", "main"]
+           "read_jsonl", "summary", "main", "capture_graph", "time_clean", "replay_time"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("infer", "train")
@@ -262,6 +265,44 @@ def time_calls(fn: Callable[[], object], reps: int, device: torch.device) -> Lis
     return times
 
 
+def capture_graph(fn: Callable[[], object], warmup: int = 1) -> "torch.cuda.CUDAGraph":
+    """``fn`` run ``warmup`` times on a side stream (compiles, settles the allocator), then captured in a CUDA
+    graph; ``graph.replay()`` repeats its kernels with no host work."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph
+
+
+def time_clean(fn: Callable[[], object], reps: int) -> float:
+    """Median time (ms, CUDA events; the lower middle one for even ``reps``, as ``torch.median``) of ``reps`` calls
+    of ``fn``, L2 evicted before each by reading 256 MB: a read leaves no dirty lines for the timed call to write
+    back, as ``do_bench``'s ``zero_()`` does (about 16 µs at 3 TB/s, a large share of the attention passes)."""
+    flush = torch.empty(64 << 20, dtype=torch.int32, device=torch.cuda.current_device())
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.max()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(start.elapsed_time(end) for start, end in events)
+    return times[(len(times) - 1) // 2]
+
+
+def replay_time(fn: Callable[[], object], reps: int = 25) -> float:
+    """Median device time (ms) of ``fn`` replayed from a CUDA graph with L2 clean (:func:`time_clean`). The graph
+    keeps host time out: calls that run for tens of µs take about as long to launch from the host, so events
+    around eager calls would time the host. (The Triton kernels' tuner ranks configs the same way.)"""
+    return time_clean(capture_graph(fn).replay, reps)
+
+
 def _warm_and_time(step: Callable[[], object], opts: Options, device: torch.device) -> Dict[str, Any]:
     """Warm-up calls (untimed), then the timed ones: ``iters``, or fewer when ``time_budget`` (seconds)
     at the warm-up's pace is shorter."""
@@ -317,7 +358,6 @@ def measure_infer(model: nn.Module, batch: int, size: Tuple[int, int], opts: Opt
             return fn(x)
         step = call
         if opts.cuda_graph and device.type == "cuda":
-            from linvision.attn.ops.common import capture_graph
             for _ in range(opts.warmup):
                 call()
             step = capture_graph(call, warmup=1).replay

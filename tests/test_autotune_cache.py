@@ -1,5 +1,5 @@
 """How the Triton kernels choose their configs without tuning, and the on-disk cache of tuned configs
-(``linvision.attn.ops.autotune``, ``common.launch``).
+(``linvision.attn.ops.autotune``, ``runtime.launch``).
 
 On CPU: the cache file's round trip, merge, corrupt-file and keying rules, the selection logic (cached
 beats default, default when nothing is cached, tune mode benchmarks once and stores), and a cached
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from linvision.attn.ops import autotune, common
+from linvision.attn.ops import autotune, runtime
 
 H100 = ("NVIDIA H100 80GB HBM3", "9.0")
 KEY = {"BD": 64, "BDV": 64, "FEATURE": 2, "HAS_W": False, "SIZE_CLASS": 1}
@@ -170,7 +170,7 @@ def test_mode_names_and_cache_location(monkeypatch, tmp_path):
     assert autotune.cache_path() == tmp_path / "xdg" / "linvision" / "autotune" / "triton_configs.json"
 
 
-@pytest.mark.skipif(not common.INTERPRETING, reason="the interpreter's fixed mode")
+@pytest.mark.skipif(not runtime.INTERPRETING, reason="the interpreter's fixed mode")
 def test_tuning_refused_under_the_interpreter():
     with pytest.raises(RuntimeError, match="cannot tune: the kernels were imported with one fixed config"):
         with autotune.tuning():
@@ -181,11 +181,12 @@ def test_launch_uses_a_cached_config_and_defaults_elsewhere(tmp_path, monkeypatc
     """The real launch path (interpreter on CPU, or the GPU) in default mode: the first calls take the
     defaults; after one kernel's key is cached, a fresh choice takes the cached config for it (no benchmark)
     and the default for the others, and the values still match the reference."""
-    from linvision.attn.core import linear_attention, linear_attention_torch
+    from linvision.attn.core import linear_attention
+    from linvision.attn.ops.naive import linear_attention_torch
     monkeypatch.setenv("LINVISION_HOME", str(tmp_path))
     monkeypatch.setattr(autotune, "autotune_mode", lambda: "default")
     everything = ("default", "cached", "tuned", "fixed")
-    common.forget_choices(everything)
+    runtime.forget_choices(everything)
     monkeypatch.setattr(autotune, "STATS", dict.fromkeys(autotune.STATS, 0))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (torch.randn(1, 2, 45, 16, device=device, requires_grad=True) for _ in range(3))
@@ -196,22 +197,22 @@ def test_launch_uses_a_cached_config_and_defaults_elsewhere(tmp_path, monkeypatc
         return [out] + list(grads)
     try:
         first = run()
-        assert set(common._SOURCES.values()) == {"default"} and autotune.STATS["default"] == 4
-        ((key, _),) = [(key, cfg) for key, cfg in common._TUNED.items()
-                       if common._KERNELS[key[0]].fn.__name__ == "_state_kernel"]
-        kernel = common._KERNELS[key[0]]
+        assert set(runtime._SOURCES.values()) == {"default"} and autotune.STATS["default"] == 4
+        ((key, _),) = [(key, cfg) for key, cfg in runtime._TUNED.items()
+                       if runtime._KERNELS[key[0]].fn.__name__ == "_state_kernel"]
+        kernel = runtime._KERNELS[key[0]]
         cached = _config(32, False, 2)
-        text, value = autotune.entry(*common.current_device_identity(), __import__("triton").__version__,
+        text, value = autotune.entry(*runtime.current_device_identity(), __import__("triton").__version__,
                                      "_state_kernel", autotune.source_hash(kernel.fn), dict(zip(kernel.keys, key[1])),
                                      key[2], cached)
         autotune.default_cache().store(text, value)
         assert autotune.cache_path().exists()
-        common.forget_choices(everything)
+        runtime.forget_choices(everything)
         second = run()
-        by_kernel = {common._KERNELS[key[0]].fn.__name__: source for key, source in common._SOURCES.items()}
+        by_kernel = {runtime._KERNELS[key[0]].fn.__name__: source for key, source in runtime._SOURCES.items()}
         assert by_kernel == {"_state_kernel": "cached", "_output_kernel": "default", "_bwd_q_kernel": "default",
                              "_bwd_kv_kernel": "default"}
-        assert _same(common._TUNED[key], cached) and autotune.STATS["tuned"] == 0
+        assert _same(runtime._TUNED[key], cached) and autotune.STATS["tuned"] == 0
         ref_in = [t.detach().clone().requires_grad_() for t in (q, k, v)]
         ref = linear_attention_torch(*ref_in)
         ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
@@ -219,7 +220,7 @@ def test_launch_uses_a_cached_config_and_defaults_elsewhere(tmp_path, monkeypatc
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * r.abs().max().item())
             torch.testing.assert_close(b, r, rtol=1e-4, atol=1e-4 * r.abs().max().item())
     finally:
-        common.forget_choices(everything)
+        runtime.forget_choices(everything)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ _PROBE = r"""
 import json, sys, time
 import torch, timm
 import linvision
-from linvision.attn.ops import autotune, common, linear_attn_bwd, linear_attn_fwd
+from linvision.attn.ops import autotune, linear_attn_bwd, linear_attn_fwd, runtime
 action = sys.argv[1]
 model = timm.create_model("linvit_s").cuda()
 x = torch.randn(2, 3, 224, 224, device="cuda")
@@ -247,7 +248,7 @@ kernels = [linear_attn_fwd._state_kernel, linear_attn_fwd._output_kernel, linear
            linear_attn_bwd._bwd_kv_kernel]
 print(json.dumps({"stats": autotune.STATS, "report": report, "seconds": time.perf_counter() - start,
                   "triton_benchmarked_keys": sum(len(k.cache) for k in kernels),
-                  "sources": sorted(set(common._SOURCES.values()))}))
+                  "sources": sorted(set(runtime._SOURCES.values()))}))
 """
 
 

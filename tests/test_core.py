@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from linvision.attn import RopeGrid, linear_attention, rope_angle
-from linvision.attn.naive import attention_weights, quadratic_attention
+from linvision.attn.ops.naive import attention_weights, quadratic_attention
 
 NORMALIZATIONS = ("division", "magnitude_aware", "injective", "none")
 FEATURE_MAPS = ("identity", "relu", "elu1")

@@ -16,7 +16,7 @@ from linvision.attn.focused import FocusedLinearAttention
 from linvision.attn.infsa import InfiniteSelfAttention
 from linvision.attn.inline import InjectiveLinearAttention
 from linvision.attn.mirror import MirrorLinearAttention, householder
-from linvision.attn.naive import quadratic_attention
+from linvision.attn.ops.naive import quadratic_attention
 from linvision.attn.qt_taylor import QuadraticTaylorAttention, quadratic_taylor_feature_map
 
 NAMES = ["focused", "inline", "qt", "mirror", "infsa"]

@@ -20,7 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from linvision.attn import core  # noqa: E402
-from linvision.attn.core import FEATURE_MAPS, NORMALIZATIONS, linear_attention, linear_attention_torch  # noqa: E402
+from linvision.attn.core import FEATURE_MAPS, NORMALIZATIONS, linear_attention  # noqa: E402
+from linvision.attn.ops.naive import linear_attention_torch  # noqa: E402
 from linvision.attn.rope import RopeGrid, rope_angle  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -67,8 +68,8 @@ def check_against_reference(b, h, n, d, dv, dtype, normalization="division", fea
                             rope=False, scale=0.5, splits=None, monkeypatch=None):
     """Run the Triton backend and the reference forward + backward; compare output and grads."""
     if splits is not None:
-        from linvision.attn.ops import common
-        monkeypatch.setattr(common, "FORCE_SPLITS", splits)
+        from linvision.attn.ops import policy
+        monkeypatch.setattr(policy, "FORCE_SPLITS", splits)
     q, k, v, w, grid = _inputs(b, h, n, d, dv, dtype, feature_map, weights, rope)
     leaves = [q, k, v] + ([w] if weights else [])
     tri_in = [t.clone().requires_grad_() for t in leaves]
@@ -122,15 +123,15 @@ def test_matches_reference_small(b, h, n, d, dv, dtype, normalization, feature_m
 
 def test_several_state_copies(monkeypatch):
     """More token splits than REDUCE_SPLITS_PER_COPY: partial states go to several fp32 copies, then summed."""
-    from linvision.attn.ops import common
-    monkeypatch.setattr(common, "REDUCE_SPLITS_PER_COPY", 2)
+    from linvision.attn.ops import policy
+    monkeypatch.setattr(policy, "REDUCE_SPLITS_PER_COPY", 2)
     check_against_reference(1, 2, 300, 32, 32, torch.float32, "magnitude_aware", "elu1", weights=True, rope=True,
                             splits=5, monkeypatch=monkeypatch)
 
 
 def test_strided_tile_order_matches_reference():
     """The autotuner may pick the strided tile order (program s of a head takes tiles s, s+S, …;
-    common.tile_range); the suite's single config is contiguous, so the split cases of the small subset
+    jit.tile_range); the suite's single config is contiguous, so the split cases of the small subset
     (every kernel, forced splits, several state copies) re-run in a fresh process with the single config
     strided (LINVISION_TRITON_TILE_ORDER, read at import)."""
     stdout = _rerun_in_fresh_process({"LINVISION_TRITON_TILE_ORDER": "strided"},
@@ -141,8 +142,9 @@ def test_strided_tile_order_matches_reference():
 @pytest.mark.parametrize("normalization", ["division", "injective"])
 def test_backward_torch_twins(normalization):
     """The PyTorch twins of the backward passes (used for wide fp32 heads on GPU) equal the kernels."""
-    from linvision.attn.ops.common import dot_mode
-    from linvision.attn.ops.linear_attn_bwd import _backward_kv_torch, _backward_q_torch, backward_kv, backward_q
+    from linvision.attn.ops.linear_attn_bwd import backward_kv, backward_q
+    from linvision.attn.ops.naive import backward_kv_torch, backward_q_torch
+    from linvision.attn.ops.policy import dot_mode
     from linvision.attn.ops.linear_attn_fwd import forward_state
     q, k, v, w, grid = _inputs(1, 2, 20, 16, 16, torch.float32, "elu1", True, True)
     angle = grid.angle.float().contiguous()
@@ -150,12 +152,12 @@ def test_backward_torch_twins(normalization):
     state = forward_state(k, v, w, angle, grid.width, normalization, "elu1", 0.5, mode)
     g = torch.randn_like(v)
     dq, dstate = backward_q(g, q, state, angle, grid.width, normalization, "elu1", 0.5, 1e-6, mode)
-    dq_t, dstate_t = _backward_q_torch(g, q, state, angle, grid.width, normalization, "elu1", 0.5, 1e-6)
+    dq_t, dstate_t = backward_q_torch(g, q, state, angle, grid.width, normalization, "elu1", 0.5, 1e-6)
     _close("dq", dq, dq_t, 1e-4)
     used = 16 * 16 + 16 + (16 if normalization == "injective" else 0)
     _close("dstate", dstate[:, :used], dstate_t[:, :used], 1e-4)
     grads = backward_kv(k, v, w, angle, dstate, grid.width, normalization, "elu1", 0.5, mode)
-    grads_t = _backward_kv_torch(k, v, w, angle, dstate, grid.width, normalization, "elu1", 0.5)
+    grads_t = backward_kv_torch(k, v, w, angle, dstate, grid.width, normalization, "elu1", 0.5)
     for name, a, b in zip(("dk", "dv", "dw"), grads, grads_t):
         _close(name, a, b, 1e-4)
 
@@ -192,7 +194,7 @@ def check_projection_views(src, w, g, heads, d, dtype, rtol, **opts):
     """Forward + backward of the Triton path on q, k, v views of ``src`` (rounded to ``dtype``) and key weights ``w``,
     against the fp32 reference on the same values: the output and every gradient come in the layout of their input
     (torch.empty_like) and match within ``rtol``. Returns the Triton output."""
-    from linvision.attn.ops.common import layout_like
+    from linvision.attn.ops.policy import layout_like
     names = ("out", "dq", "dk", "dv", "dw")
     results = []
     for backend, cast in (("triton", dtype), ("torch", torch.float32)):
@@ -330,7 +332,7 @@ def test_projection_layouts_gpu(layout, normalization, dtype):
     """q, k, v (and the key weights) as views of one projection output, as the models make them, at a model-sized
     shape: (B, 3C, H, W) conv outputs (token stride 1, or channels_last) and a (B, N, 3, H, d) linear output.
     Before the magnitude-aware and injective row sums of the q-side backward became ``[γ, 0…]ᵀ @ x`` products
-    (common.in_first_row), bf16 at d = 64 got dk and dw wrong here (6e-2 and 1.7 relative) or faulted (H100,
+    (jit.in_first_row), bf16 at d = 64 got dk and dw wrong here (6e-2 and 1.7 relative) or faulted (H100,
     triton 3.6); the suite's contiguous cases without key weights passed."""
     b, heads, d, side = 4, 4, 64, 56
     c, n = heads * d, side * side
@@ -398,14 +400,14 @@ def test_auto_picks_triton_on_cuda(monkeypatch):
 
 @pytest.mark.cuda
 def test_direct_launch_repeated_and_misaligned_calls():
-    """Calls after the first two launch the kept CompiledKernel directly (common.launch): new values,
+    """Calls after the first two launch the kept CompiledKernel directly (runtime.launch): new values,
     a q whose data pointer is not 16-byte aligned (another specialisation) and the aligned one again
     must all still equal the reference."""
-    from linvision.attn.ops import common
+    from linvision.attn.ops import runtime
     for i in range(4):
         check_against_reference(2, 3, 197, 64, 64, torch.bfloat16, "magnitude_aware", "elu1", weights=True, rope=True)
-    if common.DIRECT_LAUNCH:
-        assert common._COMPILED, "no kernel was kept for direct launches"
+    if runtime.DIRECT_LAUNCH:
+        assert runtime._COMPILED, "no kernel was kept for direct launches"
     b, h, n, d = 2, 3, 197, 64
     for offset in (1, 0, 1):
         flat = torch.randn(b * h * n * d + offset, device=DEVICE).abs().to(torch.bfloat16) + 0.1
@@ -419,17 +421,17 @@ def test_direct_launch_repeated_and_misaligned_calls():
 def test_dependent_launch_policy(monkeypatch):
     """Second passes get the ``launch_pdl`` option and the PDL constexpr only on CUDA devices of sm_90+ with
     a Triton that has it; first passes get only the constexpr; never under the interpreter or on CPU."""
-    from linvision.attn.ops import common
-    if common.INTERPRETING:
-        assert not common.DEPENDENT_LAUNCH
-    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", True)
-    assert common.dependent_consts(torch.device("cpu"), second_pass=True) == {"PDL": False}
+    from linvision.attn.ops import runtime
+    if runtime.INTERPRETING:
+        assert not runtime.DEPENDENT_LAUNCH
+    monkeypatch.setattr(runtime, "DEPENDENT_LAUNCH", True)
+    assert runtime.dependent_consts(torch.device("cpu"), second_pass=True) == {"PDL": False}
     if ON_GPU and torch.cuda.get_device_capability()[0] >= 9:
         dev = torch.device("cuda")
-        assert common.dependent_consts(dev, second_pass=True) == {"PDL": True, "launch_pdl": True}
-        assert common.dependent_consts(dev, second_pass=False) == {"PDL": True}
-    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", False)
-    assert common.dependent_consts(torch.device("cuda"), second_pass=True) == {"PDL": False}
+        assert runtime.dependent_consts(dev, second_pass=True) == {"PDL": True, "launch_pdl": True}
+        assert runtime.dependent_consts(dev, second_pass=False) == {"PDL": True}
+    monkeypatch.setattr(runtime, "DEPENDENT_LAUNCH", False)
+    assert runtime.dependent_consts(torch.device("cuda"), second_pass=True) == {"PDL": False}
 
 
 @pytest.mark.cuda
@@ -439,10 +441,10 @@ def test_dependent_launch_reads_this_calls_state(dependent, monkeypatch):
     a missing wait would read the previous call's state (same shapes, so likely the same memory). New k, v
     on every call, eager and replayed from a CUDA graph, must each equal the reference. (v stays zero-mean:
     with |mean v| ≫ its spread the magnitude-aware output is a small difference of large bf16 terms.)"""
-    from linvision.attn.ops import common
-    if dependent and not common.dependent_launch(torch.device("cuda")):
+    from linvision.attn.ops import runtime
+    if dependent and not runtime.dependent_launch(torch.device("cuda")):
         pytest.skip("no programmatic dependent launch here (needs sm_90+ and Triton >= 3.4)")
-    monkeypatch.setattr(common, "DEPENDENT_LAUNCH", dependent)
+    monkeypatch.setattr(runtime, "DEPENDENT_LAUNCH", dependent)
     b, h, n, d = 2, 4, 3137, 64
     opts = dict(normalization="magnitude_aware", feature_map="elu1", scale=d ** -0.5)
     q, k, v, g = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(4))
@@ -464,7 +466,7 @@ def test_dependent_launch_reads_this_calls_state(dependent, monkeypatch):
             leaves[1].copy_(torch.randn_like(k) * (1 + i))
             leaves[2].copy_(torch.randn_like(v) * (1 + i))
         check(step())
-    if dependent and common.DIRECT_LAUNCH:
+    if dependent and runtime.DIRECT_LAUNCH:
         # The second passes' plans ask for launch_pdl, and the kernels they keep were compiled with it.
         from linvision.attn.ops.linear_attn_bwd import _KV_SIDE_PASSES
         from linvision.attn.ops.linear_attn_fwd import _OUTPUT_PASSES
@@ -498,37 +500,37 @@ def test_autotuned_configs_match_reference():
 
 
 def test_launch_specialisation_key():
-    """The direct-launch cache key (common._specialisation) separates what Triton compiles for:
+    """The direct-launch cache key (runtime._specialisation) separates what Triton compiles for:
     dtypes and 16-byte alignment of pointers, ints by value; floats do not split it; the host functions'
-    plan key (common.tensor_key) separates shapes, strides and alignment. Under the interpreter the direct
+    plan key (runtime.tensor_key) separates shapes, strides and alignment. Under the interpreter the direct
     launch is off (its launcher is not Triton's compiled one)."""
-    from linvision.attn.ops import common
+    from linvision.attn.ops import policy, runtime
     base = torch.zeros(64, dtype=torch.float16)
     aligned, misaligned = base[:32], base[1:33]
-    key = common._specialisation((aligned, misaligned, base.float(), 48, 1, 0.5))
+    key = runtime._specialisation((aligned, misaligned, base.float(), 48, 1, 0.5))
     assert key == ((torch.float16, True), (torch.float16, False), (torch.float32, True), 48, 1, None)
-    assert common._specialisation((aligned, 2, 0.5)) != common._specialisation((aligned, 3, 0.5))
-    assert common._specialisation((aligned, 2, 0.5)) == common._specialisation((aligned, 2, 0.25))
-    # The per-pass plan key (common.tensor_key) separates layouts and alignment as well.
+    assert runtime._specialisation((aligned, 2, 0.5)) != runtime._specialisation((aligned, 3, 0.5))
+    assert runtime._specialisation((aligned, 2, 0.5)) == runtime._specialisation((aligned, 2, 0.25))
+    # The per-pass plan key (runtime.tensor_key) separates layouts and alignment as well.
     t = torch.zeros(2, 3, 8, 16)
-    assert common.tensor_key(t, None) == ((t.shape, t.stride(), torch.float32, t.device, True), None)
-    assert common.tensor_key(t) != common.tensor_key(t.transpose(2, 3).contiguous().transpose(2, 3))
-    assert common.tensor_key(base[:32]) != common.tensor_key(base[1:33])
+    assert runtime.tensor_key(t, None) == ((t.shape, t.stride(), torch.float32, t.device, True), None)
+    assert runtime.tensor_key(t) != runtime.tensor_key(t.transpose(2, 3).contiguous().transpose(2, 3))
+    assert runtime.tensor_key(base[:32]) != runtime.tensor_key(base[1:33])
     # Outputs take their input's layout: a dense one as it is, a view's as dense strides in its dim order.
-    assert common.layout_like(t) == t.stride() and common.layout_like(t.transpose(1, 2)) == (384, 16, 128, 1)
-    assert common.layout_like(torch.zeros(2, 24, 8)[:, :16].view(2, 16, 2, 4).transpose(2, 3)) == (128, 8, 1, 4)
-    assert [common.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
-    assert [common.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
-    if common.INTERPRETING:
-        assert not common.DIRECT_LAUNCH
+    assert policy.layout_like(t) == t.stride() and policy.layout_like(t.transpose(1, 2)) == (384, 16, 128, 1)
+    assert policy.layout_like(torch.zeros(2, 24, 8)[:, :16].view(2, 16, 2, 4).transpose(2, 3)) == (128, 8, 1, 4)
+    assert [policy.block(d) for d in (1, 16, 17, 48, 96, 128)] == [16, 16, 32, 64, 128, 128]
+    assert [policy.cdiv(a, 4) for a in (1, 4, 5, 8)] == [1, 1, 2, 2]
+    if runtime.INTERPRETING:
+        assert not runtime.DIRECT_LAUNCH
 
 
 def test_tune_after_times_each_config_after_its_preceding_pass():
-    """Second passes are tuned together with the pass they depend on (common.tune_after): every config is
+    """Second passes are tuned together with the pass they depend on (runtime.tune_after): every config is
     timed as ``preceding_pass(); kernel``, configs that cannot be built are skipped, the fastest is kept; a
     kernel whose autotuner resets buffers is refused (tune_after does not reset them)."""
     import triton
-    from linvision.attn.ops import common
+    from linvision.attn.ops import runtime
     events = []
 
     class FakeJit:
@@ -555,15 +557,15 @@ def test_tune_after_times_each_config_after_its_preceding_pass():
 
     def preceding_pass():
         events.append(("pass",))
-    best = common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+    best = runtime.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
     assert best.kwargs == {"BN": 128}
 
     FakeAutotuned.configs = FakeAutotuned.configs[2:]
     with pytest.raises(RuntimeError, match="no config of fake_kernel"):
-        common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+        runtime.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
     FakeAutotuned.reset_to_zero = ["state_ptr"]
     with pytest.raises(ValueError, match="reset_to_zero"):
-        common.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
+        runtime.tune_after(FakeAutotuned(), "grid", ("t",), {"X": 7}, preceding_pass, bench=bench)
 
 
 def test_benchmark_value_check():

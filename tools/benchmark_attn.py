@@ -32,8 +32,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from linvision.attn.core import linear_attention, linear_attention_torch
-from linvision.attn.ops.common import capture_graph, time_clean
+from linvision.attn.core import linear_attention
+from linvision.attn.ops.naive import linear_attention_torch
+from linvision.benchmark import capture_graph, time_clean
 from linvision.attn.rope import RopeGrid, rope_angle
 from linvision.checkpoint import atomic_write
 

@@ -10,46 +10,31 @@ optional rotation ``R`` (2-D RoPE, numerator only) and ``c = scale``::
     v̄    = (1/N) Σ_j v_j                                                    (B, H, dv)
 
     division          out_i = n_i / (z_i + eps)                       focused, RALA, QT, Mirror
-    magnitude_aware   out_i = n_i · (1 + 1/(z_i + eps)) − z_i · v̄     MALA (spec mala_rala §3.1)
-    injective         out_i = n_i + (1 − z_i) · v̄                     InLine (spec flatten_inline §2.1)
+    magnitude_aware   out_i = n_i · (1 + 1/(z_i + eps)) − z_i · v̄     MALA
+    injective         out_i = n_i + (1 − z_i) · v̄                     InLine
     none              out_i = n_i
 
 It is evaluated linearly through the running sums ``S = (c/N) Σ_j w_j Rφ(k_j)ᵀ v_j`` (d×dv),
 ``k̄ = (1/N) Σ_j w_j φ(k_j)`` and ``v̄``, all accumulated in float32 whatever the input dtype (and
 outside autocast); the output has the dtype of ``v``. The 1/N inside every sum keeps the state
 O(1) in N, which is what keeps fp16/bf16 inputs from overflowing at large N.
+
+This module validates and dispatches; the two paths live in :mod:`linvision.attn.ops`: the PyTorch
+reference in ``ops.naive`` (``backend="torch"``, and the twin the kernels are tested against) and the
+Triton kernels (``backend="triton"``), which share the option names and ids of ``ops.flags``.
 """
 from __future__ import annotations
 
 from typing import Optional
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .rope import RopeGrid, apply_rope
+from .ops.flags import BACKENDS, FEATURE_MAPS, NORMALIZATIONS
+from .ops.naive import compute_dtype, feature_map_fn, linear_attention_torch
+from .rope import RopeGrid
 
-__all__ = ["linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "feature_map_fn", "check_inputs", "compute_dtype"]
-
-NORMALIZATIONS = ("division", "magnitude_aware", "injective", "none")
-FEATURE_MAPS = ("identity", "relu", "elu1")
-BACKENDS = ("torch", "triton")
-
-
-def compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 for float64 inputs (exactness tests), float32 for everything else."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def feature_map_fn(name: str, x: Tensor) -> Tensor:
-    """Apply the named elementwise feature map (``identity``, ``relu`` or ``elu1`` = ELU(x)+1)."""
-    if name == "identity":
-        return x
-    if name == "relu":
-        return F.relu(x)
-    if name == "elu1":
-        return F.elu(x) + 1.0
-    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {name!r}")
+__all__ = ["linear_attention", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS", "feature_map_fn", "check_inputs",
+           "compute_dtype", "linear_attention_torch"]
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope: Optional[RopeGrid],
@@ -77,45 +62,6 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor],
             raise ValueError(f"RoPE grid {rope.height}x{rope.width} does not match N = {n} tokens")
         if rope.angle.numel() * 2 != d:
             raise ValueError(f"RoPE angle has {rope.angle.numel()} entries; head dim {d} needs {d // 2}")
-
-
-def _combine(n: Tensor, z: Tensor, v_mean: Tensor, normalization: str, eps: float) -> Tensor:
-    z = z.unsqueeze(-1)
-    if normalization == "division":
-        return n / (z + eps)
-    if normalization == "magnitude_aware":
-        return n * (1.0 + 1.0 / (z + eps)) - z * v_mean
-    if normalization == "injective":
-        return n + (1.0 - z) * v_mean
-    return n
-
-
-def linear_attention_torch(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "division",
-                           feature_map: str = "identity", scale: float = 1.0, eps: float = 1e-6,
-                           key_weights: Optional[Tensor] = None, rope: Optional[RopeGrid] = None) -> Tensor:
-    """PyTorch reference path of :func:`linear_attention` (same arguments, no validation)."""
-    out_dtype = v.dtype
-    acc = compute_dtype(q)
-    n_tokens = q.shape[2]
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        qf = feature_map_fn(feature_map, q.to(acc))
-        kf = feature_map_fn(feature_map, k.to(acc))
-        vf = v.to(acc)
-        if key_weights is not None:
-            kf = kf * key_weights.to(acc).unsqueeze(-1)
-        k_mean = kf.mean(dim=2, keepdim=True)                                   # (B, H, 1, d)
-        z = (qf * k_mean).sum(-1) * scale                                        # (B, H, N)
-        if rope is not None:
-            sin, cos = rope.tables()
-            sin, cos = sin.to(qf.device, acc), cos.to(qf.device, acc)
-            qr, kr = apply_rope(qf, sin, cos), apply_rope(kf, sin, cos)
-        else:
-            qr, kr = qf, kf
-        state = (kr.transpose(-1, -2) @ vf) * (scale / n_tokens)               # (B, H, d, dv)
-        num = qr @ state                                                          # (B, H, N, dv)
-        v_mean = vf.mean(dim=2, keepdim=True) if normalization in ("magnitude_aware", "injective") else None
-        out = _combine(num, z, v_mean, normalization, eps)
-    return out.to(out_dtype)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "division",

@@ -1,7 +1,6 @@
 """FLatten: Focused Linear Attention (LeapLabTHU/FLatten-Transformer ``FocusedLinearAttention``).
 
-As the official code computes it, with ``s = softplus(θ)`` (per channel, learnable, θ
-zero-initialised) and focusing power ``p`` (default 3), for T ∈ {Q, K + P}::
+With ``s = softplus(θ)`` (per channel, learnable, θ zero-initialised) and focusing power ``p`` (default 3), for T ∈ {Q, K + P}::
 
     U    = (ReLU(T) + 1e-6) / s
     φ(T) = ‖U‖ · U^p / ‖U^p‖            norms over ALL C channels of a token (all heads jointly)
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from .core import compute_dtype, linear_attention
 from .grid import GridSize, as_grid, check_mixer_inputs, conv_over_tokens, resize_token_table
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["FocusedLinearAttention", "focused_feature_map"]
@@ -35,10 +35,9 @@ def focused_feature_map(x: Tensor, scale: Tensor, focusing_power: float) -> Tens
     Returns:
         ``(B, heads, N, d)`` float32 (float64 if ``x`` is float64).
 
-    The norms run over dims (heads, d), i.e. over all C channels of a token jointly (as the
-    official code does; FLatten issue #30). ``U`` is divided by its per-token max before powering: φ is exactly
-    invariant to that (the official 2023 code does it for p > 6), and it keeps ``U^p`` and its norm
-    inside the fp32 range.
+    The norms run over dims (heads, d), i.e. over all C channels of a token jointly (FLatten issue #30).
+    ``U`` is divided by its per-token max before powering: φ is exactly invariant to that (the official
+    2023 code does it for p > 6), and it keeps ``U^p`` and its norm inside the fp32 range.
     """
     dtype = compute_dtype(x)
     u = (F.relu(x.to(dtype)) + 1e-6) / scale.to(dtype)
@@ -50,7 +49,7 @@ def focused_feature_map(x: Tensor, scale: Tensor, focusing_power: float) -> Tens
     return powered * (peak * u_norm / p_norm)
 
 
-class FocusedLinearAttention(nn.Module):
+class FocusedLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args:
@@ -113,8 +112,8 @@ class FocusedLinearAttention(nn.Module):
         return self._heads(table)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
-        """``q, k, v``: raw ``(B, heads, H·W, d)`` projections; ``rope`` is ignored (``uses_rope = False``)."""
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
+        """``q, k, v``: raw ``(B, heads, H·W, d)`` projections; ``rope`` and ``token_mean`` are ignored."""
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw)
         n = q.shape[2]
         # Cubing after ÷softplus overflows fp16: the focusing runs in fp32 outside autocast.

@@ -1,7 +1,6 @@
 """Infinite self-attention: pure InfSA and Linear-InfSA (giorgioroffo/infinite-self-attention).
 
-As the released code computes it, with ``q' = q/√d``, ``k' = k/√d`` and the discount
-``ρ = sigmoid(rho_logit)``:
+With ``q' = q/√d``, ``k' = k/√d`` and the discount ``ρ = sigmoid(rho_logit)``:
 
 * pure (O(N²·d), short sequences only)::
 
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from .core import compute_dtype, linear_attention
 from .grid import check_mixer_inputs
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["InfiniteSelfAttention", "INFSA_FORMS"]
@@ -42,7 +42,7 @@ __all__ = ["InfiniteSelfAttention", "INFSA_FORMS"]
 INFSA_FORMS = ("linear", "pure")
 
 
-class InfiniteSelfAttention(nn.Module):
+class InfiniteSelfAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args:
@@ -101,10 +101,10 @@ class InfiniteSelfAttention(nn.Module):
         return F.relu((q_bar * ks).sum(-1))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         """``q, k, v``: raw ``(B, heads, N, d)`` projections with ``N = num_prefix_tokens + H·W``. The
         official module accepts masks and ignores them (bidirectional); there is none here. ``rope``
-        is ignored."""
+        and ``token_mean`` are ignored."""
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw,
                            num_prefix_tokens=self.num_prefix_tokens)
         with torch.autocast(device_type=q.device.type, enabled=False):

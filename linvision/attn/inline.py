@@ -1,7 +1,6 @@
 """InLine: Injective Linear Attention (LeapLabTHU/InLine ``InLineAttention``).
 
-As the official code computes it: on raw q, k (no kernel function, no positional encoding, no
-epsilon) with ``α = d^-½``::
+On raw q, k (no kernel function, no positional encoding, no epsilon, as in the official code) with ``α = d^-½``::
 
     w_ij  = (s_ij − mean_t s_it)/N + 1/N,   s_ij = α q_i·k_j     (rows sum to 1, entries may be < 0)
     Y_i   = Σ_j w_ij v_j = (α/N) Σ_j (q_i·k_j) v_j + (1 − α q_i·k̄) v̄
@@ -20,19 +19,20 @@ from torch import Tensor, nn
 
 from .core import linear_attention
 from .grid import check_mixer_inputs
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["InjectiveLinearAttention"]
 
 
-class InjectiveLinearAttention(nn.Module):
+class InjectiveLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args:
         dim, num_heads: channels C and heads h of the attention (d = C/h).
         num_prefix_tokens: tokens (e.g. DeiT's cls) in front of the ``H×W`` patch tokens. They take
             part in the attention and in the token mean, but are excluded from the local conv and
-            receive no local term (as in the official InLine-DeiT). Default 0 (hierarchical hosts).
+            receive no local term. Default 0 (hierarchical hosts).
         local_kernel_size: kernel of the dynamic depthwise conv (official 3).
         local_residual: add the dynamic local term (official: always). ``False`` leaves the pure
             injective attention (ablations, tests).
@@ -92,7 +92,7 @@ class InjectiveLinearAttention(nn.Module):
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw,
                            num_prefix_tokens=self.num_prefix_tokens)
         b, h, n, d = v.shape
-        # No epsilon and no clamping: the weights may be negative, as in the official code.
+        # No epsilon and no clamping: the weights may be negative.
         out = linear_attention(q, k, v, normalization="injective", feature_map="identity", scale=self.scale,
                                backend=self.backend)
         if self.residual is None:

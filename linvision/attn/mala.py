@@ -1,6 +1,6 @@
 """MALA: Magnitude-Aware Linear Attention (MAViT, qhfan/MALA ``AddLinearAttention``).
 
-As the official code computes it, with φ = ELU+1 and s = head_dim^-½::
+With φ = ELU+1 and s = head_dim^-½::
 
     z_i   = s · φ(q_i) · mean_j φ(k_j)                       (un-rotated features)
     out_i = (s/N) Σ_j (Rφq_i · Rφk_j) v_j · (1 + 1/(z_i + 1e-6)) − z_i · mean_j v_j
@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .core import linear_attention
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["MagnitudeAwareLinearAttention"]
 
 
-class MagnitudeAwareLinearAttention(nn.Module):
+class MagnitudeAwareLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)``. No parameters."""
 
     uses_rope = True
@@ -32,6 +33,6 @@ class MagnitudeAwareLinearAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         return linear_attention(q, k, v, normalization="magnitude_aware", feature_map="elu1", scale=self.scale,
                                 eps=self.eps, rope=rope, backend=self.backend)

@@ -1,8 +1,8 @@
 """MirrorLA: learnable Householder reflections before a ReLU feature map (arXiv 2602.04346).
 
-**No official code, checkpoints or method text exist**: the abstract only states "block-wise
-isometries → variance-aware (angle) modulation → cross-head reflections" applied before a
-non-negative map. Everything concrete below is this module's
+**No official code, checkpoints or method text exist**:
+the abstract only states "block-wise isometries → variance-aware (angle) modulation → cross-head
+reflections" applied before a non-negative map. Everything concrete below is this module's
 reconstruction; each choice is a constructor argument.
 
 The same orthogonal map ``T`` is applied to q and k of a sample, so ``Σ_h ⟨Tq, Tk⟩ = Σ_h ⟨q, k⟩``
@@ -17,9 +17,9 @@ symmetric, ``H² = I``; applied in O(m) per token):
   rotated by the product of two reflections ``H(t) H(â + t)``, which maps a learnable unit direction
   ``â`` exactly onto ``t = normalize((1 − λ)·â + λ·𝟙/√b)`` and acts only in span(â, 𝟙): it turns
   ``â`` a fraction λ of the way towards the positive diagonal ("into the non-negative orthant").
-  λ = 0 is the identity; λ = 1 is the full data-aligned rotation (``â`` onto the diagonal). (Two
-  reflections, not one: a single reflection has det −1 and cannot approach the identity; a product
-  of two reflections is a rotation.)
+  λ = 0 is the identity; λ = 1 is the full data-aligned rotation. (Two reflections,
+  not one: a single reflection has det −1 and cannot approach the identity;
+  a product of two reflections is a rotation.)
 * variance-aware angle modulation: ``λ = sigmoid(γ · log(σ² + 1e-6) + β)`` per sample and block,
   with σ² the token variance of q and k in that block (pooled, so q and k share ``T``), γ and β
   learnable per (head, block). With ``variance_modulation=False``, ``λ = sigmoid(β)``.
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from .core import compute_dtype, linear_attention
 from .grid import check_mixer_inputs, conv_over_tokens
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["MirrorLinearAttention", "householder"]
@@ -49,7 +50,7 @@ def householder(x: Tensor, u: Tensor) -> Tensor:
     return x - (2.0 * (x * u).sum(-1, keepdim=True) / uu) * u
 
 
-class MirrorLinearAttention(nn.Module):
+class MirrorLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     Args (all reconstructed design choices):
@@ -58,13 +59,11 @@ class MirrorLinearAttention(nn.Module):
         variance_modulation: make the block rotation angle λ depend on the token variance.
         cross_head_reflections: number of full-width (cross-head) reflections; 0 disables them.
         cross_head_position: ``"last"`` (the abstract's order: blocks, modulation, cross-head;
-            default) or ``"first"`` (global mixing before the blocks; the order matters only through
-            the variance modulation).
+            default) or ``"first"`` (the reverse order: cross-head first).
         value_conv_kernel_size: optional depthwise conv on V shared by heads (as in the group's
             PolaFormer), added to the output; ``None`` (default) — the LinViT host has LePE.
         eps: denominator epsilon of the division normalisation.
-    Not implemented: an auxiliary loss on the reflections (e.g. a penalty on the negative mass after
-    them), which nothing published describes.
+    Not implemented: the speculative auxiliary "Householder loss".
     """
 
     uses_rope = False
@@ -161,8 +160,8 @@ class MirrorLinearAttention(nn.Module):
         return list(self.block_reflection_vectors(q, k)) + list(self.cross_head_direction.to(dt))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
-        """``q, k, v``: raw ``(B, heads, H·W, d)`` projections; ``rope`` is ignored (``uses_rope = False``)."""
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
+        """``q, k, v``: raw ``(B, heads, H·W, d)`` projections; ``rope`` and ``token_mean`` are ignored."""
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw)
         # Norms, variances and reflections in fp32, outside autocast.
         with torch.autocast(device_type=q.device.type, enabled=False):

@@ -1,7 +1,6 @@
 """QT-ViT: linear attention with the quadratic Taylor kernel (AMD_QTViT ``LiteMLA.relu_linear_att``).
 
-The released kernel is not the full second-order expansion but its diagonal ("compact") part plus
-a learnable constant ``s`` (init 1)::
+The released kernel is not the full second-order expansion but its diagonal ("compact") part plus a learnable constant ``s`` (init 1)::
 
     x̂ = x/(‖x‖ + ε),  x̃ = x̂ ⊙ x̂,  x̄ = x̃/(‖x̃‖ + ε),  φ(x) = [x̄ ; s] ∈ ℝ^{d+1}     (ε = 1e-15)
     κ(q, k) = φ(q)·φ(k) = Σ_i q_i² k_i² / (‖q²‖ ‖k²‖) + s²
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 
 from .core import compute_dtype, linear_attention
 from .grid import GridSize, as_grid, check_mixer_inputs, resize_token_table
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["QuadraticTaylorAttention", "quadratic_taylor_feature_map"]
@@ -39,7 +39,7 @@ def quadratic_taylor_feature_map(x: Tensor, constant: Tensor, eps: float = 1e-15
     return torch.cat([x, constant.to(x.dtype).expand(*x.shape[:-1], 1)], dim=-1)
 
 
-class QuadraticTaylorAttention(nn.Module):
+class QuadraticTaylorAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)`` (dtype of ``v``).
 
     In the official EfficientViT host the 1×1 and DW5×5-aggregated scales act as ``2h`` independent
@@ -94,9 +94,9 @@ class QuadraticTaylorAttention(nn.Module):
         return self.act(y).transpose(1, 2).reshape(b, h, n, d)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         """``q, k, v``: raw ``(B, heads, H·W, d)`` projections; any grid shape (the official code
-        assumes a square one). ``rope`` is ignored (``uses_rope = False``)."""
+        assumes a square one). ``rope`` and ``token_mean`` are ignored."""
         check_mixer_inputs(q, k, v, num_heads=self.num_heads, head_dim=self.head_dim, hw=hw)
         n = q.shape[2]
         dt = compute_dtype(v)

@@ -1,7 +1,6 @@
 """RALA: Rank-Augmented Linear Attention (RAVLT, qhfan/RALA ``GateLinearAttentionNoSilu``).
 
-As the official code computes it, with φ = ELU+1 and s = head_dim^-½, a global query
-reweights the keys (KV-buffer rank augmentation)::
+With φ = ELU+1 and s = head_dim^-½, a global query reweights the keys (KV-buffer rank augmentation)::
 
     α_j   = softmax_j( s · mean_i φ(q_i) · φ(k_j) )
     out_i = Σ_j α_j (Rφq_i · Rφk_j) v_j / (Σ_j α_j φq_i · φk_j + 1e-6)
@@ -14,9 +13,10 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .core import compute_dtype, feature_map_fn, linear_attention
+from .mixer import TokenMixer
 from .rope import RopeGrid
 
 __all__ = ["RankAugmentedLinearAttention", "global_query_key_weights"]
@@ -35,7 +35,7 @@ def global_query_key_weights(q: Tensor, k: Tensor, scale: float) -> Tensor:
         return logits.softmax(dim=-1).squeeze(2) * n
 
 
-class RankAugmentedLinearAttention(nn.Module):
+class RankAugmentedLinearAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)``. No parameters."""
 
     uses_rope = True
@@ -48,7 +48,7 @@ class RankAugmentedLinearAttention(nn.Module):
         self.backend = backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         weights = global_query_key_weights(q, k, self.scale)
         return linear_attention(q, k, v, normalization="division", feature_map="elu1", scale=1.0, eps=self.eps,
                                 key_weights=weights, rope=rope, backend=self.backend)

@@ -1,24 +1,25 @@
 """Softmax attention (SDPA) with 2-D RoPE, for the hybrid models' low-resolution stages.
 
-As in the official MAViT/RAVLT code: ``U = softmax_j((s·Rq_i)·Rk_j) v`` on the raw (not
-φ-mapped) q and k, with s = head_dim^-½; no mask, no dropout. Cost is quadratic in N.
+``U = softmax_j((s·Rq_i)·Rk_j) v`` on the raw (not φ-mapped) q and k, with s = head_dim^-½; no mask, no dropout. Cost is quadratic in N.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from .mixer import TokenMixer
 from .rope import RopeGrid, apply_rope
 
 __all__ = ["SoftmaxAttention"]
 
 
-class SoftmaxAttention(nn.Module):
+class SoftmaxAttention(TokenMixer):
     """Token mixer: ``(B, heads, N, d)`` q, k, v → ``(B, heads, N, d)``. No parameters."""
 
     uses_rope = True
+    backend = "sdpa"    # no linear core: PyTorch's scaled_dot_product_attention picks its kernel
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -26,7 +27,7 @@ class SoftmaxAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, hw: Tuple[int, int],
-                rope: Optional[RopeGrid] = None) -> Tensor:
+                rope: Optional[RopeGrid] = None, token_mean: Optional[Tensor] = None) -> Tensor:
         if rope is not None:
             sin, cos = (t.to(q.device) for t in rope.tables())
             q = apply_rope(q, sin, cos).to(v.dtype)

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from functools import partial
-from typing import Any, Dict, List, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -75,7 +75,7 @@ class InfSAAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int = 16, *, form: str = "linear", num_prefix_tokens: int = 1,
                  rho_init: float = 0.95, qkv_bias: bool = True, proj_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, device=None, dtype=None):
+                 proj_drop: float = 0.0, attn_kwargs: Optional[Dict[str, Any]] = None, device=None, dtype=None):
         super().__init__()
         if form not in INFSA_FORMS:
             raise ValueError(f"form must be one of {INFSA_FORMS}, got {form!r}")
@@ -91,7 +91,7 @@ class InfSAAttention(nn.Module):
         else:
             self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias, **dd)
         self.mixer = InfiniteSelfAttention(dim, num_heads, form=form, rho_init=rho_init,
-                                           num_prefix_tokens=num_prefix_tokens).to(**dd)
+                                           num_prefix_tokens=num_prefix_tokens, **(attn_kwargs or {})).to(**dd)
         # Dropout on Â (pure form only; the linear form has no attention matrix to drop).
         self.attn_drop = attn_drop
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
@@ -125,16 +125,20 @@ class InfViT(TokenGridVisionTransformer):
         attn_form: ``'linear'`` (Linear-InfSA) or ``'pure'`` (quadratic InfSA).
         rho_init: initial ρ of every block (released default 0.95).
         pre_logits: add the Linear(E, E) + tanh layer between the pooled cls token and the head.
+        attn_kwargs: further options of every block's :class:`~linvision.attn.InfiniteSelfAttention` (e.g.
+            ``rho_trainable``, ``backend``); its form and ρ are ``attn_form`` and ``rho_init``.
         **kwargs: :class:`TokenGridVisionTransformer` / ``VisionTransformer`` arguments.
     """
 
     def __init__(self, attn_form: str = "linear", rho_init: float = 0.95, pre_logits: bool = True,
-                 attn_drop_rate: float = 0.0, **kwargs: Any):
+                 attn_drop_rate: float = 0.0, attn_kwargs: Optional[Dict[str, Any]] = None, **kwargs: Any):
         if attn_form not in INFSA_FORMS:
             raise ValueError(f"attn_form must be one of {INFSA_FORMS}, got {attn_form!r}")
         if attn_drop_rate and attn_form == "linear":
             raise ValueError("attn_drop_rate must be 0 for the linear form (it has no attention matrix)")
-        attn_layer = partial(InfSAAttention, form=attn_form, rho_init=rho_init)
+        attn_kwargs = dict(attn_kwargs or {})
+        InfiniteSelfAttention.check_options(attn_kwargs, "infsa")
+        attn_layer = partial(InfSAAttention, form=attn_form, rho_init=rho_init, attn_kwargs=attn_kwargs)
         super().__init__(attn_layer=attn_layer, attn_drop_rate=attn_drop_rate, **kwargs)
         self.attn_form = attn_form
         dd = dict(device=self.patch_embed.proj.weight.device, dtype=self.patch_embed.proj.weight.dtype)

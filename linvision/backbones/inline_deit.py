@@ -30,7 +30,8 @@ ignores it): the cfgs below say so (``crop_mode='squash'``, ``crop_pct = S/⌊25
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from functools import partial
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -49,11 +50,12 @@ class InLineAttention(nn.Module):
 
     Parameters (official names): ``qkv`` Linear(C, 3C), ``proj`` Linear(C, C) and the mixer's
     kernel generator, stored as ``mixer.residual`` (the checkpoint filter maps the official
-    ``attn.residual`` there).
+    ``attn.residual`` there). ``attn_kwargs``: further options of the mixer (e.g. ``backend``).
     """
 
     def __init__(self, dim: int, num_heads: int = 8, *, num_prefix_tokens: int = 1, qkv_bias: bool = True,
-                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0, device=None, dtype=None):
+                 proj_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 attn_kwargs: Optional[Dict[str, Any]] = None, device=None, dtype=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
@@ -62,7 +64,8 @@ class InLineAttention(nn.Module):
         dd = dict(device=device, dtype=dtype)
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **dd)
-        self.mixer = InjectiveLinearAttention(dim, num_heads, num_prefix_tokens=num_prefix_tokens).to(**dd)
+        self.mixer = InjectiveLinearAttention(dim, num_heads, num_prefix_tokens=num_prefix_tokens,
+                                              **(attn_kwargs or {})).to(**dd)
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
 
@@ -95,11 +98,13 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: TokenGridVisionTr
 # ------------------------------------------------------------------- builders and cfgs
 def _create_inline_deit(variant: str, pretrained: bool = False, **kwargs) -> TokenGridVisionTransformer:
     out_indices = kwargs.pop("out_indices", 3)
+    attn_kwargs = dict(kwargs.pop("attn_kwargs", None) or {})
+    InjectiveLinearAttention.check_options(attn_kwargs, "inline")
     return build_model_with_cfg(
         TokenGridVisionTransformer, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        attn_layer=InLineAttention,
+        attn_layer=partial(InLineAttention, attn_kwargs=attn_kwargs),
         **kwargs,
     )
 

@@ -1,11 +1,12 @@
 """LinViT: the MAViT / RAVLT hierarchical skeleton with a selectable attention mechanism.
 
-One model class serves three registered families (they share skeleton and state-dict layout,
-spec ../shared/specs/mala_rala.md §2):
+One model class serves three registered families (they share skeleton and state-dict layout):
 
 * ``linvit_{t,s,b,l}[_<mech>]`` — the house family: linear attention in **every** stage
   (``attn='mala'`` by default; ``_<mech>`` ∈ rala, focused, inline, qt, mirror, infsa selects another
-  mechanism), so cost is linear in the number of pixels at any resolution.
+  mechanism), so cost is linear in the number of pixels at any resolution. The mechanism's options reach
+  every linear mixer through ``attn_kwargs``:
+  ``timm.create_model('linvit_b_focused', attn_kwargs=dict(focusing_power=4))``.
 * ``mavit_{t,s,b,l}`` — official MAViT (MALA): MALA in stages 1–2, softmax in 3–4, projection 2048/2560.
 * ``ravlt_{t,s,b,l}`` — official RAVLT (RALA): RALA in stages 1–2, softmax in 3–4, projection 1024.
 
@@ -25,7 +26,7 @@ Official checkpoints (``{'model': ...}``, ``{'model_ema': ...}``, ``{'state_dict
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -42,7 +43,7 @@ __all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys"]
 
 
 class ConvStem(nn.Sequential):
-    """Stride-4 stem (spec §2.1): 3×3 convs 2/1/1/2 with BN, GELU after all but the last BN.
+    """Stride-4 stem: 3×3 convs 2/1/1/2 with BN, GELU after all but the last BN.
 
     Indices match the official ``patch_embed.proj`` Sequential (0, 3, 6, 9 convs; 1, 4, 7, 10 BNs).
     """
@@ -110,7 +111,7 @@ class ResidualDepthwiseConv(nn.Conv2d):
 
 
 class ConvFfn(nn.Module):
-    """1×1 conv → GELU → (y + DWConv3×3(y)) → 1×1 conv (spec §2.4)."""
+    """1×1 conv → GELU → (y + DWConv3×3(y)) → 1×1 conv."""
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
@@ -124,12 +125,13 @@ class ConvFfn(nn.Module):
 
 
 class GatedAttention(nn.Module):
-    """qkvo projection, token mixer, LePE and output gate (spec §2.5).
+    """qkvo projection, token mixer, LePE and output gate.
 
-    ``out = proj((mixer(q, k, v) + LePE(v)) ⊙ o)``; input/output ``(B, C, H, W)``.
+    ``out = proj((mixer(q, k, v) + LePE(v)) ⊙ o)``; input/output ``(B, C, H, W)``. The mixer is
+    ``create_mixer(attn, dim, num_heads, **attn_kwargs)``.
     """
 
-    def __init__(self, dim: int, num_heads: int, attn: str):
+    def __init__(self, dim: int, num_heads: int, attn: str, attn_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -138,7 +140,7 @@ class GatedAttention(nn.Module):
         self.attn_type = attn
         self.qkvo = nn.Conv2d(dim, 4 * dim, 1)
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
-        self.mixer = create_mixer(attn, dim, num_heads)
+        self.mixer = create_mixer(attn, dim, num_heads, **(attn_kwargs or {}))
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
@@ -147,7 +149,7 @@ class GatedAttention(nn.Module):
         lepe = self.lepe(v)
         # (B, C, H, W) -> (B, heads, N, d) with channel = head * d + j (head-major), tokens row-major.
         q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v))
-        u = self.mixer(q, k, v, hw=(h, w), rope=rope if getattr(self.mixer, "uses_rope", False) else None)
+        u = self.mixer(q, k, v, hw=(h, w), rope=rope if self.mixer.uses_rope else None)
         u = u.transpose(-1, -2).reshape(b, c, h, w)
         return self.proj((u + lepe) * o)
 
@@ -162,14 +164,15 @@ class AutocastLayerNorm2d(LayerNorm2d):
 
 
 class LinViTBlock(nn.Module):
-    """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path (spec §2.4)."""
+    """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path."""
 
     def __init__(self, dim: int, num_heads: int, attn: str, mlp_ratio: float = 3.5,
-                 layer_scale_init: float = 1.0, drop_path: float = 0.0):
+                 layer_scale_init: float = 1.0, drop_path: float = 0.0,
+                 attn_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.cpe = ResidualDepthwiseConv(dim, 3)     # x + CPE(x)
         self.norm1 = AutocastLayerNorm2d(dim, eps=1e-6)
-        self.attn = GatedAttention(dim, num_heads, attn)
+        self.attn = GatedAttention(dim, num_heads, attn, attn_kwargs)
         self.norm2 = AutocastLayerNorm2d(dim, eps=1e-6)
         self.mlp = ConvFfn(dim, int(mlp_ratio * dim))
         # Official shape (1, C, 1, 1): checkpoints load as they are, and (as in the official recipe)
@@ -196,12 +199,14 @@ class LinViTStage(nn.Module):
     """Optional downsample, then blocks sharing one RoPE ``angle`` buffer built from the stage grid."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, attn: str, downsample: bool,
-                 mlp_ratio: float, layer_scale_init: float, drop_path: Sequence[float]):
+                 mlp_ratio: float, layer_scale_init: float, drop_path: Sequence[float],
+                 attn_kwargs: Optional[Dict[str, Any]] = None):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
         self.rope = Rope2d(dim // num_heads)
         self.blocks = nn.ModuleList([
-            LinViTBlock(dim, num_heads, attn, mlp_ratio, layer_scale_init, drop_path[j]) for j in range(depth)
+            LinViTBlock(dim, num_heads, attn, mlp_ratio, layer_scale_init, drop_path[j], attn_kwargs)
+            for j in range(depth)
         ])
         self.grad_checkpointing = False
 
@@ -222,6 +227,9 @@ class LinViT(nn.Module):
     Args:
         embed_dims, depths, num_heads: per-stage widths, block counts and head counts.
         attn: token mixer for the linear stages, a key of ``linvision.attn.MIXERS``.
+        attn_kwargs: options of that mixer (``linvision.attn.MIXERS[attn].options()``, e.g.
+            ``dict(focusing_power=4)``, ``dict(form="pure")``, ``dict(backend="torch")``), given to every mixer of
+            the linear stages (the softmax stages take none); an unknown name is a ``TypeError``.
         softmax_stages: stage indices that use softmax attention instead (MAViT/RAVLT: ``(2, 3)``).
         mlp_ratio: FFN expansion (3.5 in every official variant).
         layer_scale_init: per-stage initial value of the layer-scale gammas.
@@ -237,6 +245,7 @@ class LinViT(nn.Module):
             depths: Sequence[int] = (2, 2, 6, 2),
             num_heads: Sequence[int] = (1, 2, 4, 8),
             attn: str = "mala",
+            attn_kwargs: Optional[Dict[str, Any]] = None,
             softmax_stages: Sequence[int] = (),
             mlp_ratio: float = 3.5,
             layer_scale_init: Union[float, Sequence[float]] = 1.0,
@@ -247,6 +256,8 @@ class LinViT(nn.Module):
         super().__init__()
         if attn not in MIXERS:
             raise ValueError(f"attn must be one of {sorted(MIXERS)}, got {attn!r}")
+        attn_kwargs = dict(attn_kwargs or {})
+        MIXERS[attn].check_options(attn_kwargs, attn)
         num_stages = len(depths)
         if not (len(embed_dims) == len(num_heads) == num_stages):
             raise ValueError("embed_dims, depths and num_heads must have one entry per stage")
@@ -258,6 +269,7 @@ class LinViT(nn.Module):
         self.global_pool = global_pool
         self.in_chans = in_chans
         self.attn = attn
+        self.attn_kwargs = attn_kwargs
         self.softmax_stages = tuple(softmax_stages)
         self.grad_checkpointing = False
 
@@ -268,10 +280,11 @@ class LinViT(nn.Module):
         dpr = [rates[sum(depths[:i]):sum(depths[:i + 1])] for i in range(num_stages)]
         stages, self.feature_info = [], []
         for i in range(num_stages):
+            softmax = i in self.softmax_stages
             stages.append(LinViTStage(
                 embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], num_heads[i],
-                "softmax" if i in self.softmax_stages else attn, downsample=i > 0, mlp_ratio=mlp_ratio,
-                layer_scale_init=layer_scale_init[i], drop_path=dpr[i],
+                "softmax" if softmax else attn, downsample=i > 0, mlp_ratio=mlp_ratio,
+                layer_scale_init=layer_scale_init[i], drop_path=dpr[i], attn_kwargs=None if softmax else attn_kwargs,
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
@@ -295,7 +308,7 @@ class LinViT(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        # Official init (spec §2.8): conv/linear trunc_normal(0.02), bias 0; norms at defaults.
+        # Official init: conv/linear trunc_normal(0.02), bias 0; norms at defaults.
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
@@ -485,7 +498,7 @@ _MALA = dict(paper_name="Rectifying Magnitude Neglect in Linear Attention", pape
 _RALA = dict(paper_name="Breaking the Low-Rank Dilemma of Linear Attention", paper_ids="arXiv:2411.07635",
              origin_url="https://github.com/qhfan/RALA", license="unknown")
 
-# Sizes of MALA_T/S/B/L and RAVLT_T/S/B/L (spec §3.3, §4.3): the drop-path rates are the official,
+# Sizes of MALA_T/S/B/L and RAVLT_T/S/B/L: the drop-path rates are the official,
 # hard-coded per-variant ones; any `drop_path_rate=` passed to create_model overrides them.
 _SIZES = {
     "t": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), num_heads=(1, 2, 4, 8),

@@ -2,7 +2,7 @@
 warps, pipeline stages), and the on-disk cache of tuned configs.
 
 A config is chosen once per process for each (kernel, autotune-key values, argument dtypes); the key
-holds the head-dim blocks, the options and the token-count class ``SIZE_CLASS`` (``common.size_class``).
+holds the head-dim blocks, the options and the token-count class ``SIZE_CLASS`` (``policy.size_class``).
 Three modes, set by ``LINVISION_TRITON_AUTOTUNE``:
 
 * ``default`` (unset or ``default``): nothing is benchmarked. A config cached on disk for this GPU,
@@ -11,7 +11,7 @@ Three modes, set by ``LINVISION_TRITON_AUTOTUNE``:
   compiles only (seconds), not a tuning sweep (20–118 s).
 * ``tune`` (``1`` or ``tune``): a key found in the cache is used as in ``default``; a key not in it is
   benchmarked on first use (first passes by ``triton.autotune``, second passes together with the pass
-  they depend on, ``common.tune_after``) and the winner is added to the cache.
+  they depend on, ``runtime.tune_after``) and the winner is added to the cache.
   :func:`linvision.attn.tune` runs one forward + backward of a model in this mode.
 * ``fixed`` (``0`` or ``fixed``): one config for every kernel (BN 64, 4 warps, 1 stage; tile order from
   ``LINVISION_TRITON_TILE_ORDER``); the cache is neither read nor written. For tests (fast, deterministic
@@ -42,11 +42,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import triton
 
-__all__ = ["MODES", "autotune_mode", "tuning", "retuning", "select_config", "default_config", "fixed_config",
+from .flags import INTERPRETING
+
+__all__ = ["MODES", "autotune_mode", "tuning", "retuning", "on_forget", "select_config", "default_config", "fixed_config",
            "sweep_configs", "cache_path", "ConfigCache", "default_cache", "entry_key", "config_to_dict",
            "config_from_dict", "STATS"]
 
@@ -56,7 +58,6 @@ _ENV_VALUES = {"": "default", "default": "default", "1": "tune", "tune": "tune",
 FORMAT = "linvision.triton-configs/1"
 CACHE_FILE = "triton_configs.json"
 
-INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tile order of the fixed config (tests run the suite once per order).
 FIXED_TILE_ORDER = os.environ.get("LINVISION_TRITON_TILE_ORDER", "contiguous")
 if FIXED_TILE_ORDER not in ("contiguous", "strided"):
@@ -67,6 +68,15 @@ if FIXED_TILE_ORDER not in ("contiguous", "strided"):
 STATS: Dict[str, int] = {"tuned": 0, "cached": 0, "default": 0, "fixed": 0}
 
 _override: Optional[Tuple[str, bool]] = None   # (mode, retune) while tuning() is active
+# Called by tuning() with the config sources to forget: the launch runtime registers its forget_choices
+# here when it is imported (it imports this module, so this module cannot import it).
+_FORGET_HOOKS: List[Callable[[Tuple[str, ...]], None]] = []
+
+
+def on_forget(hook: Callable[[Tuple[str, ...]], None]) -> None:
+    """Register ``hook(sources)``, called when :func:`tuning` starts to forget the configs chosen from
+    ``sources`` (``runtime.forget_choices``)."""
+    _FORGET_HOOKS.append(hook)
 
 
 def _mode_from_env() -> str:
@@ -105,8 +115,8 @@ def tuning(retune: bool = False) -> Iterator[None]:
         setting = "TRITON_INTERPRET=1" if INTERPRETING else _ENV + "=0"
         raise RuntimeError(f"cannot tune: the kernels were imported with one fixed config ({setting}); "
                            "unset it and start a new process")
-    from . import common
-    common.forget_choices(("default", "cached") if retune else ("default",))
+    for hook in _FORGET_HOOKS:
+        hook(("default", "cached") if retune else ("default",))
     previous, _override = _override, ("tune", retune)
     try:
         yield

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .common import INTERPRETING, MAX_HEAD_DIM
+from .flags import INTERPRETING, MAX_HEAD_DIM
 from .linear_attn_bwd import linear_attention_bwd
 from .linear_attn_fwd import linear_attention_fwd, state_size
 
@@ -45,7 +45,7 @@ def _fwd_op(q: Tensor, k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope
 @_fwd_op.register_fake
 def _fwd_fake(q, k, v, key_weights, rope_angle, rope_width, normalization, feature_map, scale, eps):
     bsz, heads, n, d = q.shape
-    out = torch.empty_like(v)                      # the kernels write v's layout (common.layout_like)
+    out = torch.empty_like(v)                      # the kernels write v's layout (policy.layout_like)
     state = q.new_empty((bsz * heads, state_size(d, v.shape[-1])), dtype=torch.float32)
     return out, state
 
@@ -109,7 +109,7 @@ def linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, normalization: s
 
     q, k: ``(B, H, N, d)``, v: ``(B, H, N, dv)`` with d, dv ≤ 128, any strides, fp32/fp16/bf16.
     Returns ``(B, H, N, dv)`` in ``v.dtype`` and v's layout (``torch.empty_like(v)``); the gradients take the
-    layouts of q, k, v and the key weights (``common.layout_like``: for views of a projection's output, the
+    layouts of q, k, v and the key weights (``policy.layout_like``: for views of a projection's output, the
     inverse reshape back to tokens is then a view, not a copy).
     """
     if not supports(q, v):

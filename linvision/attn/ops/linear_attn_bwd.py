@@ -1,4 +1,5 @@
-"""Backward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``).
+"""Backward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``; PyTorch twins
+of both passes: ``.naive``).
 
 With upstream gradient ``g = ∂L/∂out`` the backward is again two passes over the tokens (q-side
 then k/v-side), reading each input and writing each gradient once — no per-token intermediates
@@ -25,14 +26,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer,
-                     autotune_configs, block, column0, dependent_consts, dot_mode, feature, feature_grad, head_ptr,
-                     in_first_row, layout_like, load_at, load_tile, mm, policy_key, reduce_splits, rope, row0,
-                     size_class, split_grid, start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid,
-                     wait_for_previous_pass)
-from ..core import _combine, feature_map_fn
-from ..rope import apply_rope, rope_tables
+from .flags import FEATURE_IDS, INTERPRETING, NORMALIZATION_IDS
+from .jit import (column0, feature, feature_grad, head_ptr, in_first_row, load_at, load_tile, mm, rope, row0,
+                  start_next_pass, tile_ptrs, tile_range, wait_for_previous_pass)
 from .linear_attn_fwd import state_size
+from .naive import backward_kv_torch, backward_q_torch
+from .policy import (ReduceBuffer, autotune_configs, block, dot_mode, layout_like, reduce_splits, size_class,
+                     split_grid, token_grid)
+from .runtime import KernelCall, PlanCache, dependent_consts, policy_key, tensor_key
 
 __all__ = ["linear_attention_bwd", "backward_q", "backward_kv"]
 
@@ -267,10 +268,10 @@ def linear_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, key_
     if mode == 0 and max(q.shape[-1], v.shape[-1]) > 64 and not INTERPRETING:
         # 3×tf32 products of wide fp32 tiles need more shared memory than a Hopper SM has
         # (330–450 KB): fp32 inputs with head dims > 64 take the backward in PyTorch (exact, slower).
-        dq, dstate = _backward_q_torch(grad_out, q, state, rope_angle, rope_width, normalization, feature_map,
-                                       scale, eps)
-        dk, dv, dw = _backward_kv_torch(k, v, key_weights, rope_angle, dstate, rope_width, normalization,
-                                        feature_map, scale)
+        dq, dstate = backward_q_torch(grad_out, q, state, rope_angle, rope_width, normalization, feature_map,
+                                      scale, eps)
+        dk, dv, dw = backward_kv_torch(k, v, key_weights, rope_angle, dstate, rope_width, normalization,
+                                       feature_map, scale)
         # The same layouts as the kernels' (the custom op's fake kernel promises them to torch.compile).
         return (_in_layout_of(dq, q), _in_layout_of(dk, k), _in_layout_of(dv, v),
                 None if dw is None else _in_layout_of(dw, key_weights))
@@ -345,72 +346,13 @@ def backward_q(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[
     return dq, plan.buffer.total(buf)
 
 
-def _backward_q_torch(grad_out: Tensor, q: Tensor, state: Tensor, rope_angle: Optional[Tensor], rope_width: int,
-                      normalization: str, feature_map: str, scale: float, eps: float) -> Tuple[Tensor, Tensor]:
-    """PyTorch twin of :func:`backward_q` (autograd through the q-side of the forward, in fp32)."""
-    bsz, heads, n, d = q.shape
-    dv_dim = grad_out.shape[-1]
-    s_mat = state[:, :d * dv_dim].view(bsz, heads, d, dv_dim).detach().requires_grad_()
-    k_mean = state[:, d * dv_dim:d * dv_dim + d].view(bsz, heads, 1, d).detach().requires_grad_()
-    v_mean = state[:, d * dv_dim + d:].view(bsz, heads, 1, dv_dim).detach().requires_grad_()
-    uses_vmean = normalization in ("magnitude_aware", "injective")
-    with torch.enable_grad(), torch.autocast(device_type=q.device.type, enabled=False):
-        qf32 = q.detach().float().requires_grad_()
-        qf = feature_map_fn(feature_map, qf32)
-        z = (qf * k_mean).sum(-1) * scale
-        if rope_angle is not None:
-            sin, cos = rope_tables(rope_angle, n // rope_width, rope_width)
-            qf = apply_rope(qf, sin, cos)
-        out = _combine(qf @ s_mat, z, v_mean if uses_vmean else None, normalization, eps)
-        leaves = (qf32, s_mat, k_mean) + ((v_mean,) if uses_vmean else ())
-        grads = torch.autograd.grad(out, leaves, grad_out.float(), allow_unused=True)
-    dstate = torch.zeros_like(state)
-    dstate[:, :d * dv_dim] = grads[1].reshape(bsz * heads, -1)
-    if grads[2] is not None:
-        dstate[:, d * dv_dim:d * dv_dim + d] = grads[2].reshape(bsz * heads, -1)
-    if uses_vmean:
-        dstate[:, d * dv_dim + d:] = grads[3].reshape(bsz * heads, -1)
-    return grads[0].to(q.dtype), dstate
-
-
-def _backward_kv_torch(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor],
-                       dstate: Tensor, rope_width: int, normalization: str, feature_map: str,
-                       scale: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """PyTorch twin of :func:`backward_kv` (autograd through the k/v-side of the forward, in fp32)."""
-    bsz, heads, n, d = k.shape
-    dv_dim = v.shape[-1]
-    uses_vmean = normalization in ("magnitude_aware", "injective")
-    with torch.enable_grad(), torch.autocast(device_type=k.device.type, enabled=False):
-        k32 = k.detach().float().requires_grad_()
-        v32 = v.detach().float().requires_grad_()
-        w32 = key_weights.detach().float().requires_grad_() if key_weights is not None else None
-        kf = feature_map_fn(feature_map, k32)
-        if w32 is not None:
-            kf = kf * w32.unsqueeze(-1)
-        k_mean = kf.mean(dim=2)
-        if rope_angle is not None:
-            sin, cos = rope_tables(rope_angle, n // rope_width, rope_width)
-            kf = apply_rope(kf, sin, cos)
-        s_mat = (kf.transpose(-1, -2) @ v32) * (scale / n)
-        outs = [s_mat, k_mean]
-        grads_out = [dstate[:, :d * dv_dim].view(bsz, heads, d, dv_dim), dstate[:, d * dv_dim:d * dv_dim + d].view(
-            bsz, heads, d)]
-        if uses_vmean:
-            outs.append(v32.mean(dim=2))
-            grads_out.append(dstate[:, d * dv_dim + d:].view(bsz, heads, dv_dim))
-        leaves = (k32, v32) + ((w32,) if w32 is not None else ())
-        grads = torch.autograd.grad(outs, leaves, grads_out)
-    dw = grads[2].to(key_weights.dtype) if key_weights is not None else None
-    return grads[0].to(k.dtype), grads[1].to(v.dtype), dw
-
-
 def backward_kv(k: Tensor, v: Tensor, key_weights: Optional[Tensor], rope_angle: Optional[Tensor], dstate: Tensor,
                 rope_width: int, normalization: str, feature_map: str, scale: float, mode: int,
                 preceding_pass: Optional[Callable[[], object]] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Backward pass 2: ``dk, dv, dw`` from k, v, w and the state gradient. Launched as a programmatic
     dependent on sm_90+ (reads k, v, w before the previous kernel has finished): call it right after
     :func:`backward_q`. ``preceding_pass`` (that call, on buffers of its own) lets its config be tuned together
-    with it (``common.tune_after``)."""
+    with it (``runtime.tune_after``)."""
     key = (tensor_key(k, v, key_weights, rope_angle, dstate), rope_width, normalization, feature_map, scale, mode,
            policy_key())
     plan = _KV_SIDE_PASSES.get(key) or _KV_SIDE_PASSES.put(key, _KVSidePass(

@@ -1,14 +1,15 @@
-"""Forward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``).
+"""Forward Triton kernels of non-causal linear attention (math: ``linvision.attn.core``; reference:
+``.naive``).
 
 Two passes over the tokens, the fewest a non-causal op can make (every output depends on the
-whole reduction, spec ecosystem §5.5):
+whole reduction):
 
 1. ``_state_kernel`` — grid ``(B·H, splits)``: each program streams its run of tokens of one head,
    reading k, v (and w) once, and accumulates in float32
 
        S = (c/N) Σ_j w_j Rφ(k_j)ᵀ v_j   (d×dv),   k̄ = (1/N) Σ_j w_j φ(k_j),   v̄ = (1/N) Σ_j v_j.
 
-   When B·H is small the token axis is split across programs (``common.reduce_splits``) and the
+   When B·H is small the token axis is split across programs (``policy.reduce_splits``) and the
    partial states are added with fp32 atomics into a zeroed buffer — into several copies, summed
    afterwards, when more than ``REDUCE_SPLITS_PER_COPY`` programs share a head (atomics on one
    address serialise); with one program per head the state is stored directly.
@@ -30,10 +31,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import (FEATURE_IDS, NORMALIZATION_IDS, KernelCall, PlanCache, ReduceBuffer, autotune_configs, block,
-                     column0, dependent_consts, dot_mode, feature, first_column, head_ptr, layout_like,
-                     load_at, load_tile, mm, policy_key, reduce_splits, rope, size_class, split_grid,
-                     start_next_pass, tensor_key, tile_ptrs, tile_range, token_grid, wait_for_previous_pass)
+from .flags import FEATURE_IDS, NORMALIZATION_IDS
+from .jit import (column0, feature, first_column, head_ptr, load_at, load_tile, mm, rope, start_next_pass, tile_ptrs,
+                  tile_range, wait_for_previous_pass)
+from .policy import (ReduceBuffer, autotune_configs, block, dot_mode, layout_like, reduce_splits, size_class,
+                     split_grid, token_grid)
+from .runtime import KernelCall, PlanCache, dependent_consts, policy_key, tensor_key
 
 __all__ = ["linear_attention_fwd", "forward_state", "forward_output", "state_size"]
 
@@ -225,7 +228,7 @@ class _StatePass:
 
 
 class _OutputPass:
-    """Pass 2 for one signature: the output's shape and layout (``v``'s, see ``common.layout_like``) and the
+    """Pass 2 for one signature: the output's shape and layout (``v``'s, see ``policy.layout_like``) and the
     kernel call."""
 
     def __init__(self, q: Tensor, v: Tensor, rope_angle: Optional[Tensor], rope_width: int, normalization: str,
@@ -266,7 +269,7 @@ def forward_output(q: Tensor, v: Tensor, state: Tensor, rope_angle: Optional[Ten
     programmatic dependent and reads q before the previous kernel has finished: call it right after
     :func:`forward_state` (q must not be written by the kernel just before it). ``preceding_pass`` (that
     :func:`forward_state` call, on buffers of its own) lets its config be tuned together with it
-    (``common.tune_after``)."""
+    (``runtime.tune_after``)."""
     key = (tensor_key(q, v, state, rope_angle), rope_width, normalization, feature_map, scale, eps, mode,
            policy_key())
     plan = _OUTPUT_PASSES.get(key) or _OUTPUT_PASSES.put(key, _OutputPass(
