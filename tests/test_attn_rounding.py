@@ -35,7 +35,7 @@ FP32_SUMS = 2.0 ** -20
 def _inner_roundoff(dtype: torch.dtype, backend: str) -> float:
     """Unit roundoff of the arithmetic inside the op (not of its output)."""
     if backend == "triton" and ON_GPU:
-        # The kernels' dot operands (linvision.attn.ops.common.dot_mode): 3×tf32 for fp32, tf32 for fp16,
+        # The kernels' dot operands (linvision.attn.ops.policy.dot_mode): 3×tf32 for fp32, tf32 for fp16,
         # bf16 for bf16; each product rounds two operands (and the RoPE-rotated key a third time).
         return {torch.float32: FP32_SUMS, torch.float16: 3 * 2.0 ** -11, torch.bfloat16: 3 * 2.0 ** -8}[dtype]
     return FP32_SUMS  # the reference, and the kernels under TRITON_INTERPRET (3×tf32 ≈ fp32 everywhere)
