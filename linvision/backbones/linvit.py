@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
@@ -70,13 +71,22 @@ class Downsample(nn.Module):
         return self.norm(self.conv(x))
 
 
-class _AddCentreTap(torch.autograd.Function):
-    """``weight + centre`` whose gradient keeps the weight's exact strides.
+def _in_strides(grad: torch.Tensor, stride: Tuple[int, ...]) -> torch.Tensor:
+    """``grad`` (dense, row-major over the dims larger than 1) with the parameter's exact strides.
 
-    A ``(C, 1, k, k)`` weight has two stride forms for the same memory (contiguous and channels_last
-    differ only in the size-1 dim); autograd would hand the weight the sum's form, and DDP warns and
-    copies a gradient whose strides differ from its parameter's.
+    Conv weights with size-1 dims, ``(C, 1, k, k)`` and ``(O, I, 1, 1)``, have several stride forms
+    for one memory order (contiguous and channels_last differ only in the size-1 dims). A gradient
+    that reaches the weight through an elementwise op or a reshape takes that op's form, not the
+    weight's; autograd accepts it, but DDP warns and copies a gradient whose strides differ from its
+    parameter's bucket view. Only the strides of size-1 dims change here, never the memory order.
     """
+    if grad.stride() == stride:
+        return grad
+    return grad.contiguous().as_strided(grad.shape, stride)
+
+
+class _AddCentreTap(torch.autograd.Function):
+    """``weight + centre``, its gradient in the weight's exact strides (:func:`_in_strides`)."""
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
@@ -85,9 +95,20 @@ class _AddCentreTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        if grad.stride() != ctx.weight_stride:
-            grad = grad.contiguous().as_strided(grad.shape, ctx.weight_stride)
-        return grad, None
+        return _in_strides(grad, ctx.weight_stride), None
+
+
+class _PointwiseMatrix(torch.autograd.Function):
+    """An ``(O, I, 1, 1)`` weight as its ``(O, I)`` matrix, its gradient in the weight's exact strides."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor) -> torch.Tensor:
+        ctx.weight_shape, ctx.weight_stride = weight.shape, weight.stride()
+        return weight.reshape(weight.shape[0], weight.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _in_strides(grad.reshape(ctx.weight_shape), ctx.weight_stride)
 
 
 class ResidualDepthwiseConv(nn.Conv2d):
@@ -106,8 +127,35 @@ class ResidualDepthwiseConv(nn.Conv2d):
         centre[:, :, kernel_size // 2, kernel_size // 2] = 1.0
         self.register_buffer("centre", centre, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _AddCentreTap.apply(self.weight, self.centre), self.bias)
+    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """``with_bias=False`` leaves the bias out (a caller folds it into the next linear map)."""
+        return self._conv_forward(x, _AddCentreTap.apply(self.weight, self.centre), self.bias if with_bias else None)
+
+
+class PointwiseConv(nn.Conv2d):
+    """A 1×1 conv computed as a matrix product over the NHWC view of a channels_last input.
+
+    Same parameters and state-dict keys as ``nn.Conv2d(in, out, 1)``. The GEMM adds the bias in its
+    epilogue, where a cuDNN 1×1 conv adds it in a separate broadcast pass over the whole output (the
+    largest single cost of these models at high resolution); the output is channels_last.
+
+    ``forward(x, scale=s, input_bias=c)`` computes ``s ⊙ (W (x + c) + b)``: a per-output-channel
+    scale that follows (the layer scale) and a per-input-channel constant that precedes (the bias of
+    a depthwise conv) are folded into the weights, so neither costs a pass over the activations.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        weight, bias = _PointwiseMatrix.apply(self.weight), self.bias
+        if input_bias is not None:
+            bias = torch.addmv(bias, weight, input_bias)
+        if scale is not None:
+            scale = scale.reshape(-1)
+            weight, bias = weight * scale[:, None], bias * scale
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
 
 class ConvFfn(nn.Module):
@@ -115,13 +163,15 @@ class ConvFfn(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int):
         super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden_dim, 1)
+        self.fc1 = PointwiseConv(dim, hidden_dim)
         self.act = nn.GELU()
         self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
-        self.fc2 = nn.Conv2d(hidden_dim, dim, 1)
+        self.fc2 = PointwiseConv(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.dwconv(self.act(self.fc1(x))))
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``)."""
+        h = self.dwconv(self.act(self.fc1(x)), with_bias=False)
+        return self.fc2(h, scale=scale, input_bias=self.dwconv.bias)
 
 
 class GatedAttention(nn.Module):
@@ -138,12 +188,13 @@ class GatedAttention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_type = attn
-        self.qkvo = nn.Conv2d(dim, 4 * dim, 1)
+        self.qkvo = PointwiseConv(dim, 4 * dim)
         self.lepe = nn.Conv2d(dim, dim, 5, 1, 2, groups=dim)
         self.mixer = create_mixer(attn, dim, num_heads, **(attn_kwargs or {}))
-        self.proj = nn.Conv2d(dim, dim, 1)
+        self.proj = PointwiseConv(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeGrid, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``scale``: the block's layer scale, applied to the output (folded into ``proj``)."""
         b, c, h, w = x.shape
         q, k, v, o = self.qkvo(x).chunk(4, dim=1)
         lepe = self.lepe(v)
@@ -151,7 +202,7 @@ class GatedAttention(nn.Module):
         q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v))
         u = self.mixer(q, k, v, hw=(h, w), rope=rope if self.mixer.uses_rope else None)
         u = u.transpose(-1, -2).reshape(b, c, h, w)
-        return self.proj((u + lepe) * o)
+        return self.proj((u + lepe) * o, scale=scale)
 
 
 class AutocastLayerNorm2d(LayerNorm2d):
@@ -181,18 +232,13 @@ class LinViTBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init)))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def _add_scaled(self, x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """``x + drop_path(γ·y)``; without drop path one fused ``addcmul`` in ``y``'s dtype (under
-        autocast the residual stream stays in the autocast dtype instead of being promoted to fp32
-        by the fp32 γ, which would double every later read and write of it)."""
-        if self.training and not isinstance(self.drop_path, nn.Identity):
-            return x + self.drop_path(gamma * y)
-        return torch.addcmul(x.to(y.dtype), gamma.to(y.dtype), y)
-
     def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
+        # The layer scales γ are folded into the last linear map of each branch (PointwiseConv), so the
+        # residual adds are plain adds of two tensors of one layout and dtype: under autocast the
+        # stream stays in the autocast dtype rather than being promoted to fp32 by an fp32 γ.
         x = self.cpe(x)
-        x = self._add_scaled(x, self.attn(self.norm1(x), rope), self.gamma_1)
-        return self._add_scaled(x, self.mlp(self.norm2(x)), self.gamma_2)
+        x = x + self.drop_path(self.attn(self.norm1(x), rope, scale=self.gamma_1))
+        return x + self.drop_path(self.mlp(self.norm2(x), scale=self.gamma_2))
 
 
 class LinViTStage(nn.Module):
@@ -290,7 +336,7 @@ class LinViT(nn.Module):
         self.stages = nn.Sequential(*stages)
 
         self.num_features = self.head_hidden_size = projection
-        self.conv_head = nn.Conv2d(embed_dims[-1], projection, 1)
+        self.conv_head = PointwiseConv(embed_dims[-1], projection)
         self.norm_head = nn.BatchNorm2d(projection)
         self.act_head = nn.SiLU()
         self.global_pool_layer = SelectAdaptivePool2d(pool_type=global_pool, flatten=bool(global_pool))
