@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linvision import data
+from linvision import demo_data as data
 from linvision.training.data import create_datasets
 
 
