@@ -37,6 +37,6 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m linvision.data --root $(DEMO_DATA)
+	$(PY) -m linvision.demo_data --root $(DEMO_DATA)
 	$(PY) tools/train.py -c configs/demo.yaml --data-dir $(DEMO_DATA) --output $(DEMO_OUT)
 	$(PY) tools/eval.py --checkpoint $(DEMO_OUT)/best.safetensors --data-dir $(DEMO_DATA)

@@ -1,28 +1,19 @@
-"""Every training config parses through tools/train.py, states its paper's recipe and builds its model."""
-import importlib.util
+"""Every training config parses through tools/train.py's parser, states its paper's recipe and builds its model."""
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from linvision import engine
+from linvision.training import cli
+from linvision.training.model import build_model
+from linvision.training.trainer import resolve_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGENET = sorted((ROOT / "configs" / "imagenet").glob("*.yaml"))
 ALL_CONFIGS = IMAGENET + [ROOT / "configs" / "demo.yaml"]
 # Drop-path rates hard-coded per variant in the official MAViT/RAVLT builders.
 DROP_PATH = {"t": 0.1, "s": 0.15, "b": 0.4, "l": 0.55}
-
-
-def _train_tool():
-    spec = importlib.util.spec_from_file_location("_linvision_tool_train_cfg", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TRAIN = _train_tool()
 
 
 def test_every_family_and_size_has_a_config():
@@ -32,13 +23,13 @@ def test_every_family_and_size_has_a_config():
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=lambda p: p.stem)
 def test_config_parses_and_builds_its_model(path):
-    args = TRAIN.parse_args(["-c", str(path), "--data-dir", "/nonexistent"])
+    args = cli.parse_train_args(["-c", str(path), "--data-dir", "/nonexistent"])
     raw = yaml.safe_load(path.read_text())
     for key, value in raw.items():  # every key reached the namespace unchanged
         got = getattr(args, key)
         assert got == (tuple(value) if isinstance(got, tuple) else value), key
     num_classes = args.num_classes or 10
-    model = engine.build_model(args, num_classes).eval()
+    model = build_model(args.model_spec(), num_classes).eval()
     if args.drop_path:  # the rate reached the model (0 builds no DropPath at all)
         dprs = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
         assert dprs and max(dprs) == pytest.approx(args.drop_path)
@@ -50,13 +41,13 @@ def test_config_parses_and_builds_its_model(path):
 @pytest.mark.parametrize("path", IMAGENET, ids=lambda p: p.stem)
 def test_imagenet_configs_follow_the_mavit_recipe(path):
     """The official MAViT/RAVLT training recipe (LinViT uses it unchanged)."""
-    args = TRAIN.parse_args(["-c", str(path), "--data-dir", "/nonexistent"])
+    args = cli.parse_train_args(["-c", str(path), "--data-dir", "/nonexistent"])
     size = path.stem.split("_")[1]
     assert args.drop_path == DROP_PATH[size]
     assert (args.epochs, args.batch_size, args.img_size, args.num_classes) == (300, 128, 224, 1000)
     assert (args.opt, args.weight_decay, args.opt_eps, args.opt_betas) == ("adamw", 0.05, 1e-8, [0.9, 0.999])
     assert args.lr is None and (args.lr_base, args.lr_base_size, args.lr_base_scale) == (5e-4, 512, "linear")
-    assert engine.resolve_lr(args, 8 * 128) == pytest.approx(1e-3)
+    assert resolve_lr(args, 8 * 128) == pytest.approx(1e-3)
     assert (args.sched, args.sched_on_updates, args.warmup_epochs, args.warmup_lr, args.min_lr) == \
         ("cosine", False, 5, 1e-6, 1e-5)
     assert args.clip_grad is None
@@ -70,22 +61,23 @@ def test_imagenet_configs_follow_the_mavit_recipe(path):
 
 def test_set_and_flags_override_a_config(tmp_path, capsys):
     path = ROOT / "configs" / "imagenet" / "mavit_t.yaml"
-    args = TRAIN.parse_args(["-c", str(path), "--data-dir", "d", "--set", "epochs=10", "--set", "scale=[0.5, 1.0]",
+    args = cli.parse_train_args(["-c", str(path), "--data-dir", "d", "--set", "epochs=10", "--set", "scale=[0.5, 1.0]",
                              "--set", "model_ema=false", "--set", "lr=2e-3", "--batch-size", "64",
                              "--set", "batch_size=32"])
     assert (args.epochs, args.scale, args.model_ema, args.lr, args.batch_size) == (10, [0.5, 1.0], False, 2e-3, 64)
     with pytest.raises(SystemExit) as e:
-        TRAIN.parse_args(["-c", str(path), "--data-dir", "d", "--set", "learning_rate=1"])
+        cli.parse_train_args(["-c", str(path), "--data-dir", "d", "--set", "learning_rate=1"])
     assert e.value.code == 2 and "learning_rate" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        TRAIN.parse_args(["--data-dir", "d", "--set", "no-equals-sign"])
+        cli.parse_train_args(["--data-dir", "d", "--set", "no-equals-sign"])
 
 
 def test_saved_config_reads_back(tmp_path):
-    from linvision.training.config import config_dict, save_config
-    parser = TRAIN.build_parser()
-    args = TRAIN.parse_args(["-c", str(ROOT / "configs" / "imagenet" / "ravlt_s.yaml"), "--data-dir", "/data",
+    from linvision.training.cli import config_dict
+    from linvision.training.config import save_config
+    parser = cli.build_train_parser()
+    args = cli.parse_train_args(["-c", str(ROOT / "configs" / "imagenet" / "ravlt_s.yaml"), "--data-dir", "/data",
                              "--set", "epochs=7", "--output", str(tmp_path / "run")])
     saved = save_config(config_dict(args, parser), tmp_path / "config.yaml", header=["test"])
-    again = TRAIN.parse_args(["-c", str(saved)])
+    again = cli.parse_train_args(["-c", str(saved)])
     assert config_dict(again, parser) == config_dict(args, parser)

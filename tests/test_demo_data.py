@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from linvision import data
-from linvision.engine import create_datasets
+from linvision import demo_data as data
+from linvision.training.data import create_datasets
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import torch
 import linvision  # noqa: F401  (registers the models)
 from linvision import pretrained
 from linvision.checkpoint import save_weights, write_manifest
+from linvision.training import cli
 from linvision.serialization import CheckpointError, load_checkpoint_file
 from official_reference import official_forward
 from test_official_checkpoints import official_state_dict
@@ -283,7 +284,7 @@ def test_malicious_pickle_is_refused_through_every_entry_point(evil, tmp_path, c
     from PIL import Image
     Image.new("RGB", (32, 32)).save(image_dir / "0.png")
     with pytest.raises(SystemExit) as exit_:
-        _tool("eval").main(["--checkpoint", str(path), "--model", "ravlt_t", "--data-dir", str(tmp_path / "data"),
+        cli.eval_main(["--checkpoint", str(path), "--model", "ravlt_t", "--data-dir", str(tmp_path / "data"),
                             "--no-progress", "--workers", "0"])
     _one_line_refusal(str(exit_.value.code), path)
     # 3. tools/convert.py
@@ -380,5 +381,5 @@ def test_eval_refuses_a_corrupted_best_checkpoint(tmp_path):
     weights.write_bytes(bytes(data))
     (tmp_path / "data" / "val" / "a").mkdir(parents=True)
     with pytest.raises(SystemExit) as exit_:
-        _tool("eval").main(["--checkpoint", str(weights), "--data-dir", str(tmp_path / "data")])
+        cli.eval_main(["--checkpoint", str(weights), "--data-dir", str(tmp_path / "data")])
     assert "sha256" in str(exit_.value.code) and "corrupted" in str(exit_.value.code)

@@ -1,6 +1,5 @@
 """timm command lines, bulk evaluation, model-name checks, preemption, two-node torchrun and the
 editable install, on a tiny generated ImageFolder. CPU, one thread, linvit_t at 32x32."""
-import importlib.util
 import json
 import os
 import signal
@@ -16,18 +15,12 @@ import torch
 from PIL import Image
 
 from linvision import checkpoint as ckpt
+from linvision.training import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "square", "stripes")
 TINY = ["--model", "linvit_t", "--img-size", "32", "-b", "4", "-j", "0", "--seed", "0", "--no-progress",
         "--device", "cpu"]
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"_linvision_tool_{name}", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _env() -> dict:
@@ -67,7 +60,7 @@ def timm_run(data, tmp_path_factory):
     argv = [str(data)] + TIMM_DOC_COMMAND + [
         "--input-size", "3", "32", "32", "--output", str(out), "--experiment", "doc", "--checkpoint-hist", "1",
         "--eval-metric", "loss", "--val-interval", "1", "--log-wandb", "--no-progress", "--device", "cpu"]
-    return out / "doc", _tool("train").main(argv)
+    return out / "doc", cli.train_main(argv)
 
 
 def test_timm_documented_command_trains_and_writes_timm_names(timm_run):
@@ -89,7 +82,7 @@ def test_timm_documented_command_trains_and_writes_timm_names(timm_run):
     losses = [r["eval_loss"] for r in _summary_rows(run)] + [r["eval_ema_loss"] for r in _summary_rows(run)]
     assert meta["metric_value"] == pytest.approx(min(float(x) for x in losses if x))
     # config.yaml and timm's args.yaml read back with -c
-    back = _tool("train").parse_args(["-c", str(run / "args.yaml")])
+    back = cli.parse_train_args(["-c", str(run / "args.yaml")])
     assert back.opt == "rmsproptf" and back.output == str(run.parent / "doc")
 
 
@@ -100,23 +93,22 @@ def _summary_rows(run):
 
 
 def test_refused_timm_flag_says_why_and_help_shows_defaults(capsys):
-    train = _tool("train")
     with pytest.raises(SystemExit) as e:
-        train.parse_args(["/data", "--aug-splits", "3", "--jsd"])
+        cli.parse_train_args(["/data", "--aug-splits", "3", "--jsd"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.split(": ", 1)[1].startswith("error: --aug-splits is not supported: AugMix")
-    help_text = train.build_parser().format_help()
+    help_text = cli.build_train_parser().format_help()
     for flag, default in (("--epochs EPOCHS", "300"), ("--warmup-epochs WARMUP_EPOCHS", "5")):
         block = help_text[help_text.index("\n  " + flag):][:200]
         assert f"(default: {default})" in block, flag
-    args = train.parse_args(["--data", "/d", "--dr", "0.5", "--val-interval", "2", "--recovery-interval", "7"])
+    args = cli.parse_train_args(["--data", "/d", "--dr", "0.5", "--val-interval", "2", "--recovery-interval", "7"])
     assert (args.data_dir, args.decay_rate, args.eval_interval, args.save_every_steps) == ("/d", 0.5, 2, 7)
 
 
 def test_bulk_eval_of_checkpoint_dir_and_model_list_writes_csv(timm_run, data, tmp_path, capsys):
     run, _ = timm_run
-    evaluate = _tool("validate").main
+    evaluate = cli.eval_main
     rows = evaluate([str(data), "--checkpoint", str(run), "--results-file", str(tmp_path / "r.csv"), "-j", "0",
                      "--no-progress", "--device", "cpu"])
     assert [Path(r["checkpoint"]).name for r in rows if not r.get("error")] and len(rows) == 2  # best + last
@@ -138,10 +130,10 @@ def test_checkpoint_of_another_model_is_refused_unless_allowed(timm_run, data, t
     run, _ = timm_run
     best = run / "best.safetensors"
     with pytest.raises(SystemExit) as e:
-        _tool("eval").main([str(data), "--model", "mavit_t", "--checkpoint", str(best), "--no-progress"])
+        cli.eval_main([str(data), "--model", "mavit_t", "--checkpoint", str(best), "--no-progress"])
     assert "written by model 'linvit_t', not 'mavit_t'" in str(e.value) and "--allow-model-mismatch" in str(e.value)
     with pytest.raises(SystemExit) as e:
-        _tool("train").main([str(data), "--model", "mavit_t", "--initial-checkpoint", str(best), "--epochs", "1",
+        cli.train_main([str(data), "--model", "mavit_t", "--initial-checkpoint", str(best), "--epochs", "1",
                              "--output", str(tmp_path / "x"), "--img-size", "32", "--no-progress", "-j", "0"])
     assert "--initial-checkpoint" in str(e.value) and "not 'mavit_t'" in str(e.value)
     import timm
@@ -150,15 +142,15 @@ def test_checkpoint_of_another_model_is_refused_unless_allowed(timm_run, data, t
         timm.create_model("mavit_t", pretrained=True, num_classes=3,
                           pretrained_cfg_overlay=dict(file=str(best), num_classes=3))
     # The same file into its own model, and into the other one on request.
-    assert _tool("eval").main([str(data), "--checkpoint", str(best), "--no-progress", "-j", "0"])["model"] == "linvit_t"
-    forced = _tool("eval").main([str(data), "--model", "mavit_t", "--checkpoint", str(best), "--allow-model-mismatch",
+    assert cli.eval_main([str(data), "--checkpoint", str(best), "--no-progress", "-j", "0"])["model"] == "linvit_t"
+    forced = cli.eval_main([str(data), "--model", "mavit_t", "--checkpoint", str(best), "--allow-model-mismatch",
                                  "--no-progress", "-j", "0"])
     assert forced["model"] == "mavit_t"
 
 
 def test_sigterm_checkpoints_exits_zero_and_resume_is_bit_exact(data, tmp_path):
     common = [str(data)] + TINY + ["--epochs", "2", "--warmup-epochs", "0", "--lr", "1e-3", "--log-interval", "1"]
-    reference = _tool("train").main(common + ["--output", str(tmp_path / "ref")])
+    reference = cli.train_main(common + ["--output", str(tmp_path / "ref")])
     out = tmp_path / "preempted"
     proc = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py")] + common + ["--output", str(out)],
                             cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -175,7 +167,7 @@ def test_sigterm_checkpoints_exits_zero_and_resume_is_bit_exact(data, tmp_path):
     assert len(stops) == 1 and "--resume auto" in stops[0], "".join(lines)
     assert "epoch 1, batch" in stops[0]  # stopped mid-epoch, after the step in progress
     assert not list(out.rglob("*.tmp"))
-    resumed = _tool("train").main(common + ["--output", str(out), "--resume", "auto"])
+    resumed = cli.train_main(common + ["--output", str(out), "--resume", "auto"])
     assert resumed["num_updates"] == reference["num_updates"] == 12
     a, b = ckpt.load_weights(tmp_path / "ref" / "last.safetensors"), ckpt.load_weights(out / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

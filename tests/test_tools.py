@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from linvision import checkpoint as ckpt
-from linvision import engine
-from linvision.engine import BEST_WEIGHTS, LAST_STATE, LAST_WEIGHTS, SUMMARY
-from linvision.training.checkpoints import CheckpointManager
+from linvision.training import cli, evaluation, trainer
+from linvision.training.checkpoint_sets import BEST_WEIGHTS, LAST_STATE, LAST_WEIGHTS, CheckpointManager
+from linvision.training.model import to_channels_last
+from linvision.training.monitor import SUMMARY
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "square", "stripes")
@@ -25,7 +26,8 @@ COMMON = ["--model", "linvit_t", "--img-size", "32", "--batch-size", "8", "--wor
 
 
 def _tool(name: str):
-    """Import tools/<name>.py as a module (tools/ is not a package); its ``main(argv)`` is the CLI."""
+    """Import tools/<name>.py as a module (tools/ is not a package; train and eval come from
+    :mod:`linvision.training.cli`); its ``main(argv)`` is the CLI."""
     spec = importlib.util.spec_from_file_location(f"_linvision_tool_{name}", ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -63,7 +65,7 @@ def image_folder(tmp_path_factory) -> Path:
 def trained(image_folder, tmp_path_factory):
     """One epoch of training into a fresh output directory: (output dir, train's return value)."""
     out = tmp_path_factory.mktemp("run")
-    yield out, _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
+    yield out, cli.train_main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
                                              "--output", str(out)])
     shutil.rmtree(out, ignore_errors=True)  # checkpoints are large: free the disk for the next modules
 
@@ -84,7 +86,7 @@ def test_train_writes_checkpoints(trained):
 
 def test_eval_prints_metrics(trained, image_folder, capsys):
     out, result = trained
-    metrics = _tool("eval").main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(image_folder),
+    metrics = cli.eval_main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(image_folder),
                                   "--workers", "0", "--no-progress"])
     printed = capsys.readouterr().out
     assert "top-1" in printed and "top-5" in printed and "img/s" in printed
@@ -100,7 +102,7 @@ def test_eval_pth_checkpoint_on_split_folder(trained, image_folder, tmp_path):
     # what training used (the model's default crop and normalisation).
     pth = tmp_path / "weights.pth"
     torch.save({"state_dict": ckpt.load_weights(out / BEST_WEIGHTS)}, pth)
-    metrics = _tool("eval").main(["--model", "linvit_t", "--num-classes", "3", "--img-size", "32",
+    metrics = cli.eval_main(["--model", "linvit_t", "--num-classes", "3", "--img-size", "32",
                                   "--checkpoint", str(pth), "--data-dir", str(image_folder / "val"),
                                   "--workers", "0", "--no-progress"])
     assert metrics["num_images"] == 12
@@ -110,18 +112,18 @@ def test_eval_pth_checkpoint_on_split_folder(trained, image_folder, tmp_path):
 def test_eval_rejects_state_file(trained, image_folder):
     out, _ = trained
     with pytest.raises(SystemExit) as e:
-        _tool("eval").main(["--checkpoint", str(out / LAST_STATE), "--data-dir", str(image_folder)])
+        cli.eval_main(["--checkpoint", str(out / LAST_STATE), "--data-dir", str(image_folder)])
     assert "training-state file" in str(e.value.code)
 
 
 def test_resume_continues_from_saved_epoch(image_folder, tmp_path, capsys, monkeypatch):
-    train = _tool("train")
+    train_main = cli.train_main
     args = COMMON + ["--data-dir", str(image_folder), "--epochs", "2"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train.main(args + ["--output", str(straight)])
+    train_main(args + ["--output", str(straight)])
 
     # The same run killed during its second epoch ...
-    real_epoch, calls = engine.train_one_epoch, []
+    real_epoch, calls = trainer.train_one_epoch, []
 
     def killed_in_second_epoch(*a, **kw):
         calls.append(1)
@@ -129,15 +131,15 @@ def test_resume_continues_from_saved_epoch(image_folder, tmp_path, capsys, monke
             raise KeyboardInterrupt
         return real_epoch(*a, **kw)
 
-    monkeypatch.setattr(engine, "train_one_epoch", killed_in_second_epoch)
+    monkeypatch.setattr(trainer, "train_one_epoch", killed_in_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--output", str(resumed)])
+        train_main(args + ["--output", str(resumed)])
     monkeypatch.undo()
     assert ckpt.load_state(resumed / LAST_STATE)["epoch"] == 0
 
     # ... and restarted with --resume auto runs only the second epoch.
     capsys.readouterr()
-    result = train.main(args + ["--output", str(resumed), "--resume", "auto"])
+    result = train_main(args + ["--output", str(resumed), "--resume", "auto"])
     printed = capsys.readouterr().out
     epoch_lines = [line.split()[1] for line in printed.splitlines() if line.startswith("epoch ")]
     assert "resumed from" in printed and epoch_lines == ["2/2"]
@@ -153,7 +155,7 @@ def test_resume_continues_from_saved_epoch(image_folder, tmp_path, capsys, monke
 
 
 def test_resume_auto_without_state_starts_fresh(image_folder, tmp_path, capsys):
-    result = _tool("train").main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
+    result = cli.train_main(COMMON + ["--data-dir", str(image_folder), "--epochs", "1",
                                            "--output", str(tmp_path), "--resume", "auto"])
     assert result["epochs_run"] == 1 and "resumed" not in capsys.readouterr().out
 
@@ -173,7 +175,7 @@ def test_bad_data_layout_gives_clear_error(layout, message, image_folder, tmp_pa
             (data / split).mkdir(parents=True)
             _image("circle", np.random.default_rng(0)).save(data / split / "0.png")
     with pytest.raises(SystemExit) as e:
-        _tool("train").main(COMMON + ["--data-dir", str(data), "--output", str(tmp_path / "out")])
+        cli.train_main(COMMON + ["--data-dir", str(data), "--output", str(tmp_path / "out")])
     assert message in str(e.value.code)
 
 
@@ -181,14 +183,14 @@ def test_config_rejects_unknown_keys(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
     config.write_text("epochs: 1\nlearning_rate: 0.1\n")
     with pytest.raises(SystemExit) as e:
-        _tool("train").parse_args(["-c", str(config), "--data-dir", str(tmp_path)])
+        cli.parse_train_args(["-c", str(config), "--data-dir", str(tmp_path)])
     assert e.value.code == 2 and "learning_rate" in capsys.readouterr().err
 
 
 def test_config_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "cfg.yaml"
     config.write_text("epochs: 3\nlr: 0.01\ndata_dir: /somewhere\nscale: [0.5, 1.0]\n")
-    args = _tool("train").parse_args(["-c", str(config), "--lr", "0.02"])
+    args = cli.parse_train_args(["-c", str(config), "--lr", "0.02"])
     assert (args.epochs, args.lr, args.data_dir, args.scale) == (3, 0.02, "/somewhere", [0.5, 1.0])
 
 
@@ -251,13 +253,13 @@ def test_full_disk_error_names_the_file_and_keeps_previous_file(tmp_path, monkey
 ])
 def test_distributed_option_combinations_pytorch_cannot_run_are_refused(extra, message):
     from linvision.training.distributed import DistEnv
-    args = _tool("train").parse_args(["--data-dir", "unused"] + extra)
+    args = cli.parse_train_args(["--data-dir", "unused"] + extra)
     two_cpu_ranks = DistEnv(torch.device("cpu"), 0, 0, 2, True)
-    with pytest.raises(engine.InputError, match=message):
-        engine.check_distributed_options(args, two_cpu_ranks)
-    engine.check_distributed_options(args, DistEnv(torch.device("cpu"), 0, 0, 1, False))  # one process: fine
+    with pytest.raises(trainer.InputError, match=message):
+        trainer.check_distributed_options(args, two_cpu_ranks)
+    trainer.check_distributed_options(args, DistEnv(torch.device("cpu"), 0, 0, 1, False))  # one process: fine
     if "--sync-bn" in extra:
-        engine.check_distributed_options(args, DistEnv(torch.device("cuda", 0), 0, 0, 2, True))
+        trainer.check_distributed_options(args, DistEnv(torch.device("cuda", 0), 0, 0, 2, True))
 
 
 def test_rng_state_round_trip():
@@ -293,7 +295,7 @@ def test_channels_last_keeps_gradient_strides_equal_to_parameter_strides():
     model = timm.create_model("linvit_t", num_classes=3).eval()
     reference = timm.create_model("linvit_t", num_classes=3).eval()
     reference.load_state_dict(model.state_dict())
-    engine.to_channels_last(model)
+    to_channels_last(model)
     x = torch.randn(2, 3, 32, 32)
     out = model(x.contiguous(memory_format=torch.channels_last))
     out.sum().backward()
@@ -316,7 +318,7 @@ RECIPE = ["--epochs", "2", "--model-ema", "--model-ema-decay", "0.9", "--mixup",
 def _kill_at_update(monkeypatch, n: int) -> None:
     """Make the next run die (KeyboardInterrupt) right after its n-th optimizer step: after the
     weights changed, before that update's scheduler/EMA step and checkpoint, like a SIGKILL."""
-    real = engine.create_optimizer_v2
+    real = trainer.create_optimizer_v2
 
     def create(*args, **kwargs):
         optimizer = real(*args, **kwargs)
@@ -330,7 +332,7 @@ def _kill_at_update(monkeypatch, n: int) -> None:
                 raise KeyboardInterrupt
         optimizer.register_step_post_hook(hook)
         return optimizer
-    monkeypatch.setattr(engine, "create_optimizer_v2", create)
+    monkeypatch.setattr(trainer, "create_optimizer_v2", create)
 
 
 def _assert_same_weights(a_dir: Path, b_dir: Path, name: str) -> None:
@@ -344,7 +346,7 @@ def _assert_same_weights(a_dir: Path, b_dir: Path, name: str) -> None:
 def uninterrupted(image_folder, tmp_path_factory):
     """The reference run: 2 epochs of 3 batches, 2 batches per update: updates of 2 + 1 batches, 4 in all."""
     out = tmp_path_factory.mktemp("straight")
-    yield out, _tool("train").main(COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)])
+    yield out, cli.train_main(COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)])
     shutil.rmtree(out, ignore_errors=True)
 
 
@@ -358,19 +360,19 @@ def test_killed_mid_epoch_and_resumed_equals_uninterrupted(uninterrupted, image_
     args = COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)]
     _kill_at_update(monkeypatch, 3)  # dies during epoch 2's first update; newest checkpoint: epoch 1's end
     with pytest.raises(KeyboardInterrupt):
-        _tool("train").main(args)
+        cli.train_main(args)
     monkeypatch.undo()
     state = ckpt.load_state(out / LAST_STATE)
     assert (state["epoch"], state["next_epoch"], state["batches_done"], state["num_updates"]) == (0, 1, 0, 2)
     _kill_at_update(monkeypatch, 2)  # resumes at the epoch-2 start, saves update 3 mid-epoch, dies in update 4
     with pytest.raises(KeyboardInterrupt):
-        _tool("train").main(args + ["--resume", "auto"])
+        cli.train_main(args + ["--resume", "auto"])
     monkeypatch.undo()
     state = ckpt.load_state(out / LAST_STATE)
     assert (state["next_epoch"], state["batches_done"], state["num_updates"]) == (1, 2, 3)  # mid-epoch
 
     capsys.readouterr()
-    resumed = _tool("train").main(args + ["--resume", "auto"])
+    resumed = cli.train_main(args + ["--resume", "auto"])
     printed = capsys.readouterr().out
     assert "at epoch 2/2, batch 2/3" in printed
     assert resumed["epochs_run"] == 1 and resumed["num_updates"] == 4
@@ -397,7 +399,7 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one(uninterrupted, image_fol
     args = COMMON + RECIPE + ["--data-dir", str(image_folder), "--output", str(out)]
     _kill_at_update(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
-        _tool("train").main(args)
+        cli.train_main(args)
     monkeypatch.undo()
     sets = CheckpointManager(out).step_manifests()
     assert [p.stem for p in sets] == ["step-000000003", "step-000000002", "step-000000001"]
@@ -410,7 +412,7 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one(uninterrupted, image_fol
     weights_file.write_bytes(bytes(raw))
 
     capsys.readouterr()
-    resumed = _tool("train").main(args + ["--resume", "auto"])
+    resumed = cli.train_main(args + ["--resume", "auto"])
     printed = capsys.readouterr().out
     assert "step-000000003.json is unusable" in printed and "truncated" in printed
     assert "step-000000002.json is unusable" in printed and "sha256" in printed
@@ -423,20 +425,20 @@ def test_damaged_checkpoints_fall_back_to_an_intact_one(uninterrupted, image_fol
     bad = out / "checkpoints" / "step-000000004.safetensors"
     bad.write_bytes(bad.read_bytes()[:-10])
     with pytest.raises(SystemExit) as e:
-        _tool("train").main(args + ["--resume", str(bad)])
+        cli.train_main(args + ["--resume", str(bad)])
     assert "truncated" in str(e.value.code)
 
 
 def test_eval_uses_ema_and_halves_batch_on_oom(uninterrupted, image_folder, monkeypatch, capsys):
     straight, result = uninterrupted
-    real = engine.evaluate
+    real = evaluation.evaluate
 
     def small_memory(model, loader, *args, **kwargs):
         if loader.batch_size > 3:
             raise torch.OutOfMemoryError("simulated: CUDA out of memory")
         return real(model, loader, *args, **kwargs)
-    monkeypatch.setattr(engine, "evaluate", small_memory)
-    metrics = _tool("eval").main(["--checkpoint", str(straight / LAST_WEIGHTS), "--use-ema", "--data-dir",
+    monkeypatch.setattr(evaluation, "evaluate", small_memory)
+    metrics = cli.eval_main(["--checkpoint", str(straight / LAST_WEIGHTS), "--use-ema", "--data-dir",
                                   str(image_folder), "--workers", "0", "--no-progress", "-b", "12"])
     printed = capsys.readouterr().out
     assert metrics["batch_size"] == 3 and printed.count("out of memory") == 2  # 12 -> 6 -> 3
@@ -455,9 +457,9 @@ def test_tar_splits_train_and_eval(image_folder, tmp_path):
             for c in CLASSES:
                 tar.add(image_folder / split / c, arcname=c)
     out = tmp_path / "run"
-    result = _tool("train").main(COMMON + ["--data-dir", str(data), "--epochs", "1", "--output", str(out)])
+    result = cli.train_main(COMMON + ["--data-dir", str(data), "--epochs", "1", "--output", str(out)])
     assert result["last"]["num_images"] == 12 and result["num_updates"] == 3
-    metrics = _tool("eval").main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(data / "val.tar"),
+    metrics = cli.eval_main(["--checkpoint", str(out / BEST_WEIGHTS), "--data-dir", str(data / "val.tar"),
                                   "--workers", "0", "--no-progress"])
     assert metrics["top1"] == result["last"]["top1"]
 

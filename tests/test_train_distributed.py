@@ -1,9 +1,10 @@
 """Two-process training and evaluation through torchrun on CPU (gloo): DDP and FSDP2.
 
 Each run starts ``torchrun --standalone --nproc_per_node=2`` on a small driver that calls
-``tools/train.py`` and then ``tools/eval.py`` (both through their ``main``) and dumps every rank's
-metrics, so the test can check that the ranks agree, that only rank 0 wrote files, and that the
-distributed numbers equal a single-process evaluation of the saved checkpoint.
+``tools/train.py`` and then ``tools/eval.py`` (both through their ``main``, from
+:mod:`linvision.training.cli`) and dumps every rank's metrics, so the test can check that the ranks
+agree, that only rank 0 wrote files, and that the distributed numbers equal a single-process
+evaluation of the saved checkpoint.
 """
 import json
 import os
@@ -23,22 +24,17 @@ CLASSES = ("red", "green", "blue")
 TIMING = {"img_per_sec", "time"}
 
 DRIVER = r'''
-import importlib.util, json, os, sys, traceback
-root, data, out = sys.argv[1:4]
-extra = sys.argv[4:]
-
-def tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", os.path.join(root, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import json, os, sys, traceback
+data, out = sys.argv[1:3]
+extra = sys.argv[3:]
 
 def run():
+    from linvision.training.cli import eval_main, train_main
     common = ["--data-dir", data, "--workers", "0", "--no-progress"]
-    trained = tool("train").main(common + [
+    trained = train_main(common + [
         "--model", "linvit_t", "--img-size", "32", "-b", "4", "--epochs", "2", "--warmup-epochs", "0",
         "--lr", "1e-3", "--seed", "1", "--output", out] + extra)
-    evaluated = tool("eval").main(common + ["--checkpoint", os.path.join(out, "last.safetensors"), "-b", "5"])
+    evaluated = eval_main(common + ["--checkpoint", os.path.join(out, "last.safetensors"), "-b", "5"])
     rank = int(os.environ["RANK"])
     result = {"world_size": trained["world_size"], "rank": trained["rank"], "num_updates": trained["num_updates"],
               "last": trained["last"], "last_ema": trained["last_ema"], "best_top1": trained["best_top1"],
@@ -82,7 +78,7 @@ def _torchrun(tmp_path: Path, data: Path, out: Path, *extra: str) -> list:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
                LINVISION_TEST_ERRORS=str(errors))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(driver), str(ROOT), str(data), str(out), *extra]
+           str(driver), str(data), str(out), *extra]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150)
     if proc.returncode != 0:
         # The first rank to fail is the root cause; the other one usually dies of a closed connection.
@@ -103,11 +99,8 @@ def _without_timing(value):
 
 def _eval_here(out: Path, data: Path) -> dict:
     """Single-process evaluation of the run's last weights, in this process."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_tool_eval_here", ROOT / "tools" / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(["--checkpoint", str(out / "last.safetensors"), "--data-dir", str(data), "--workers", "0",
+    from linvision.training.cli import eval_main
+    return eval_main(["--checkpoint", str(out / "last.safetensors"), "--data-dir", str(data), "--workers", "0",
                         "--no-progress", "-b", "8"])
 
 
@@ -153,11 +146,8 @@ def test_fsdp_two_ranks_train_eval_and_resume_in_one_process(tmp_path, data):
     state = ckpt.load_state(out / "last_state.pth")
     weights = ckpt.load_weights(out / "last.safetensors")
     assert set(state["optimizer"]["state"]) <= set(weights)  # optimizer state keyed by parameter name
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_tool_train_here", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    result = module.main(["--data-dir", str(data), "--workers", "0", "--no-progress", "--model", "linvit_t",
+    from linvision.training.cli import train_main
+    result = train_main(["--data-dir", str(data), "--workers", "0", "--no-progress", "--model", "linvit_t",
                           "--img-size", "32", "-b", "8", "--epochs", "3", "--warmup-epochs", "0", "--seed", "1",
                           "--model-ema", "--output", str(out), "--resume", "auto"])
     assert result["epochs_run"] == 1 and result["num_updates"] == 12 + 6

@@ -3,7 +3,6 @@ gradient checkpointing, the weights kept as best, which weights a checkpoint con
 precision steps on CPU and the fp16 loss scaler across a resume, damaged or foreign checkpoints, a kill in
 the middle of a save, a corrupt image in the data. CPU, one thread, a narrow linvit_t (one block per stage) at 32×32 on a tiny ImageFolder."""
 import importlib
-import importlib.util
 import logging
 import re
 from pathlib import Path
@@ -16,10 +15,10 @@ from PIL import Image
 
 import linvision  # noqa: F401  (registers the models)
 from linvision import checkpoint as ckpt
-from linvision import engine
+from linvision.training import cli, trainer
 from linvision.backbones._builder import EMA_KEYS, RAW_KEYS, unwrap_checkpoint
-from linvision.training import checkpoints as ckpt_sets
-from linvision.training.checkpoints import CheckpointManager, resolve_resume
+from linvision.training import checkpoint_sets as ckpt_sets
+from linvision.training.checkpoint_sets import CheckpointManager, resolve_resume
 from linvision.training.common import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,11 +31,8 @@ TINY_BLOCKS = 4
 
 
 def _train(argv):
-    """tools/train.py's ``main(argv)`` (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("_linvision_tool_train_behaviour", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """tools/train.py's ``main(argv)``."""
+    return cli.train_main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +160,7 @@ def scripted_run(image_folder, tmp_path_factory):
     dtype the classifier computed in."""
     out = tmp_path_factory.mktemp("scripted")
     mp = pytest.MonkeyPatch()
-    real_evaluate, calls = engine.evaluate, {"model": 0, "ema": 0}
+    real_evaluate, calls = trainer.evaluate, {"model": 0, "ema": 0}
 
     def scripted(model, loader, *args, **kwargs):
         metrics = real_evaluate(model, loader, *args, **kwargs)
@@ -172,15 +168,15 @@ def scripted_run(image_folder, tmp_path_factory):
         metrics["top1"] = SCRIPTED_TOP1[source][calls[source]]
         calls[source] += 1
         return metrics
-    mp.setattr(engine, "evaluate", scripted)
+    mp.setattr(trainer, "evaluate", scripted)
     head_dtypes = set()
-    real_build = engine.build_model
+    real_build = trainer.build_model
 
     def build(*args, **kwargs):
         model = real_build(*args, **kwargs)
         model.head.register_forward_hook(lambda m, a, o: head_dtypes.add(o.dtype) if m.training else None)
         return model
-    mp.setattr(engine, "build_model", build)
+    mp.setattr(trainer, "build_model", build)
     try:
         result = _train(COMMON + ["--data-dir", str(image_folder), "--epochs", "3", "--model-ema",
                                   "--model-ema-decay", "0.5", "--amp", "--keep-last", "3", "--output", str(out)])
@@ -228,18 +224,18 @@ def test_resuming_into_a_different_model_is_refused(scripted_run, image_folder):
 def _growing_scaler(monkeypatch):
     """The run's NativeScaler with a scale that doubles after every finite step (growth_interval 1), so the
     saved scaler state differs from a fresh one after the first update."""
-    real = engine.NativeScaler
+    real = trainer.NativeScaler
 
     def make(*args, **kwargs):
         scaler = real(*args, **kwargs)
         scaler._scaler = torch.amp.GradScaler(kwargs.get("device", "cpu"), init_scale=2.0 ** 8, growth_interval=1)
         return scaler
-    monkeypatch.setattr(engine, "NativeScaler", make)
+    monkeypatch.setattr(trainer, "NativeScaler", make)
 
 
 def _kill_at_update(monkeypatch, n: int) -> None:
     """KeyboardInterrupt right after the n-th optimizer step (before its checkpoint), like a SIGKILL."""
-    real = engine.create_optimizer_v2
+    real = trainer.create_optimizer_v2
 
     def create(*args, **kwargs):
         optimizer = real(*args, **kwargs)
@@ -251,7 +247,7 @@ def _kill_at_update(monkeypatch, n: int) -> None:
                 raise KeyboardInterrupt
         optimizer.register_step_post_hook(hook)
         return optimizer
-    monkeypatch.setattr(engine, "create_optimizer_v2", create)
+    monkeypatch.setattr(trainer, "create_optimizer_v2", create)
 
 
 def test_fp16_scaler_steps_on_cpu_and_resume_restores_it(image_folder, tmp_path, monkeypatch):

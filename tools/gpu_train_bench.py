@@ -19,7 +19,6 @@ Throughput is end to end (the data loaders decode and augment the JPEGs on the C
 ``--workers`` processes per rank); ``loader_workers`` in the JSON says how many.
 """
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -30,16 +29,10 @@ from typing import List, Optional
 
 import numpy as np
 
+from linvision.training.cli import train_main
 from linvision.training.distributed import run_then_destroy_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train_tool():
-    spec = importlib.util.spec_from_file_location("_linvision_train_tool", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def make_images(root: Path, num_train: int, num_val: int, num_classes: int, size: int, seed: int = 0) -> None:
@@ -109,7 +102,7 @@ def main(argv: Optional[List[str]] = None) -> Optional[dict]:
         "--channels-last" if opts.channels_last else "--no-channels-last",
     ] + (["--torchcompile"] if opts.compile else []) + (["--fsdp"] if opts.fsdp else []) \
         + (["--device", opts.device] if opts.device else []) + list(opts.extra)
-    result = _train_tool().main(argv_train)
+    result = train_main(argv_train)
 
     peaks = env.gather_objects(result["peak_mem_mb"])
     rates = [row["img_per_sec"] for row in result["history"]]

@@ -1,4 +1,4 @@
-"""Definitions shared by the training modules and :mod:`linvision.engine`."""
+"""Definitions shared by the training modules."""
 from typing import Any, Mapping
 
 __all__ = ["InputError", "plain"]

@@ -50,11 +50,13 @@ from timm.data.loader import PrefetchLoader, _worker_init, fast_collate
 from timm.data.readers.img_extensions import get_img_extensions
 
 from .common import InputError
+from .config import TrainConfig
 from .distributed import DistEnv
 
 __all__ = [
-    "find_split_dir", "create_datasets", "is_iterable", "SeededDataset", "ResumableSampler", "ShardView",
-    "build_train_loader", "build_eval_loader", "create_mixup", "NAMED_SOURCES",
+    "find_split_dir", "create_datasets", "resolve_num_classes", "load_class_map", "source_kwargs", "is_iterable",
+    "SeededDataset", "ResumableSampler", "ShardView", "build_train_loader", "build_eval_loader", "create_mixup",
+    "train_sampler", "set_loader_epoch", "use_prefetcher", "NAMED_SOURCES",
 ]
 
 # timm dataset-name prefixes passed straight to create_dataset.
@@ -215,6 +217,39 @@ def create_datasets(
     return datasets, dict(class_map or {})
 
 
+def resolve_num_classes(requested: Optional[int], class_to_idx: Mapping[str, int]) -> int:
+    """``--num-classes`` if given (at least the classes found), else the number of classes in the data."""
+    found = len(class_to_idx)
+    if requested is None:
+        if not found:
+            raise InputError("the dataset has no class names; pass --num-classes")
+        return found
+    if requested < found:
+        raise InputError(f"--num-classes {requested} is smaller than the {found} class folders in the data")
+    return requested
+
+
+def load_class_map(path: Optional[str]) -> Optional[Dict[str, int]]:
+    """``--class-map FILE`` (one class name per line, or ``name index``) as timm reads it; ``None``
+    when no file is given."""
+    if not path:
+        return None
+    from timm.data.readers.class_map import load_class_map as timm_load_class_map
+    try:
+        return dict(timm_load_class_map(path))
+    except (OSError, AssertionError, ValueError) as e:
+        raise InputError(f"--class-map {path}: {e}") from e
+
+
+def source_kwargs(input_key: Optional[str], target_key: Optional[str], trust_remote_code: bool) -> Dict[str, Any]:
+    """The ``create_dataset`` arguments of a named source's fields (``--input-key``, ``--target-key``,
+    ``--dataset-trust-remote-code``), only those given."""
+    source: Dict[str, Any] = {k: v for k, v in (("input_key", input_key), ("target_key", target_key)) if v}
+    if trust_remote_code:
+        source["trust_remote_code"] = True
+    return source
+
+
 # ----------------------------------------------------------------------------------------------
 # Samplers and dataset views
 
@@ -334,18 +369,16 @@ class ShardView(Dataset):
 # ----------------------------------------------------------------------------------------------
 # Loaders
 
-def _opt(args, name: str, default=None):
-    value = getattr(args, name, default)
-    return default if value is None else value
-
-
-def use_prefetcher(args, device: torch.device) -> bool:
+def use_prefetcher(prefetcher: Optional[bool], device: torch.device) -> bool:
     """``--prefetcher`` as given, default on for CUDA (uint8 batches normalised on the GPU)."""
-    value = getattr(args, "prefetcher", None)
-    return device.type == "cuda" if value is None else bool(value)
+    return device.type == "cuda" if prefetcher is None else bool(prefetcher)
 
 
-def build_train_loader(dataset, data_config: Mapping[str, Any], args, env: DistEnv):
+def _pin_memory(pin_mem: Optional[bool], device: torch.device) -> bool:
+    return device.type == "cuda" if pin_mem is None else bool(pin_mem)
+
+
+def build_train_loader(dataset, data_config: Mapping[str, Any], cfg: TrainConfig, env: DistEnv):
     """The training loader: batches ``(images (B, C, H, W) float32 normalised, labels (B,) int64)``.
 
     Map-style datasets: a :class:`ResumableSampler` (``loader.sampler``; call its ``set_epoch``
@@ -355,31 +388,29 @@ def build_train_loader(dataset, data_config: Mapping[str, Any], args, env: DistE
     than one global batch. With the prefetcher, images travel as uint8 and are normalised and
     randomly erased on the device (timm's ``PrefetchLoader``).
     """
-    prefetch = use_prefetcher(args, env.device)
-    interpolation = _opt(args, "train_interpolation") or data_config["interpolation"]
+    prefetch = use_prefetcher(cfg.prefetcher, env.device)
+    interpolation = cfg.train_interpolation or data_config["interpolation"]
     aug = dict(
-        is_training=True, no_aug=_opt(args, "no_aug", False), scale=_opt(args, "scale"), ratio=_opt(args, "ratio"),
-        hflip=_opt(args, "hflip", 0.5), vflip=_opt(args, "vflip", 0.0), color_jitter=_opt(args, "color_jitter", 0.4),
-        auto_augment=_opt(args, "aa"), interpolation=interpolation, mean=data_config["mean"],
-        std=data_config["std"], train_crop_mode=_opt(args, "train_crop_mode"),
-        color_jitter_prob=_opt(args, "color_jitter_prob"), grayscale_prob=_opt(args, "grayscale_prob", 0.0),
-        gaussian_blur_prob=_opt(args, "gaussian_blur_prob", 0.0))
-    erase = dict(re_prob=_opt(args, "reprob", 0.0), re_mode=_opt(args, "remode", "pixel"),
-                 re_count=_opt(args, "recount", 1))
-    workers = _opt(args, "workers", 0)
-    pin = bool(_opt(args, "pin_mem", env.device.type == "cuda"))
+        is_training=True, no_aug=cfg.no_aug, scale=cfg.scale, ratio=cfg.ratio, hflip=cfg.hflip, vflip=cfg.vflip,
+        color_jitter=cfg.color_jitter, auto_augment=cfg.aa, interpolation=interpolation, mean=data_config["mean"],
+        std=data_config["std"], train_crop_mode=cfg.train_crop_mode, color_jitter_prob=cfg.color_jitter_prob,
+        # unset (None) probabilities mean "never"
+        grayscale_prob=cfg.grayscale_prob or 0.0, gaussian_blur_prob=cfg.gaussian_blur_prob or 0.0)
+    erase = dict(re_prob=cfg.reprob, re_mode=cfg.remode, re_count=cfg.recount)
+    workers = cfg.workers
+    pin = _pin_memory(cfg.pin_mem, env.device)
     if is_iterable(dataset):
-        if _opt(args, "aug_repeats", 0):
+        if cfg.aug_repeats:
             raise InputError("--aug-repeats needs a map-style dataset (folder, tar, torch/...), not an iterable source")
         return create_loader(
-            dataset, input_size=data_config["input_size"], batch_size=args.batch_size,
+            dataset, input_size=data_config["input_size"], batch_size=cfg.batch_size,
             num_workers=workers, distributed=env.distributed, pin_memory=pin, device=env.device,
             use_prefetcher=prefetch, crop_pct=data_config["crop_pct"], **aug, **erase)
 
     dataset.transform = create_transform(data_config["input_size"], use_prefetcher=prefetch, **aug,
                                          **({} if prefetch else erase))
-    repeats = _opt(args, "aug_repeats", 0)
-    seed = _opt(args, "seed", 0)
+    repeats = cfg.aug_repeats
+    seed = cfg.seed
     if repeats:
         inner = RepeatAugSampler(dataset, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  num_repeats=repeats)
@@ -388,9 +419,9 @@ def build_train_loader(dataset, data_config: Mapping[str, Any], args, env: DistE
                                    drop_last=False)
     sampler = ResumableSampler(inner, seed=seed, rank=env.rank)
     loader = DataLoader(
-        SeededDataset(dataset), batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+        SeededDataset(dataset), batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
         collate_fn=fast_collate if prefetch else None, pin_memory=pin,
-        drop_last=len(inner) >= args.batch_size, persistent_workers=workers > 0,
+        drop_last=len(inner) >= cfg.batch_size, persistent_workers=workers > 0,
         # The loader draws its workers' base seed from this generator, not from the global RNG,
         # whose state a mid-epoch checkpoint captures.
         generator=torch.Generator().manual_seed(seed),
@@ -417,29 +448,30 @@ def set_loader_epoch(loader, epoch: int) -> None:
         loader.dataset.set_epoch(epoch)
 
 
-def build_eval_loader(dataset, data_config: Mapping[str, Any], batch_size: int, args, env: DistEnv):
-    """An evaluation loader over this rank's :class:`ShardView` (iterable sources shard themselves)."""
+def build_eval_loader(dataset, data_config: Mapping[str, Any], batch_size: int, env: DistEnv, *, workers: int = 0,
+                      pin_mem: Optional[bool] = None, prefetcher: Optional[bool] = None,
+                      crop_border_pixels: Optional[int] = None):
+    """An evaluation loader over this rank's :class:`ShardView` (iterable sources shard themselves).
+
+    ``pin_mem`` and ``prefetcher`` ``None``: on for CUDA."""
     view = dataset if is_iterable(dataset) else ShardView(dataset, env.rank, env.world_size)
-    workers = _opt(args, "workers", 0)
     return create_loader(
         view, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
         interpolation=data_config["interpolation"], mean=data_config["mean"], std=data_config["std"],
         crop_pct=data_config["crop_pct"], crop_mode=data_config.get("crop_mode"),
-        crop_border_pixels=_opt(args, "crop_border_pixels"), num_workers=workers,
+        crop_border_pixels=crop_border_pixels, num_workers=workers,
         distributed=is_iterable(dataset) and env.distributed,
-        pin_memory=bool(_opt(args, "pin_mem", env.device.type == "cuda")), device=env.device,
-        use_prefetcher=use_prefetcher(args, env.device), persistent_workers=workers > 0)
+        pin_memory=_pin_memory(pin_mem, env.device), device=env.device,
+        use_prefetcher=use_prefetcher(prefetcher, env.device), persistent_workers=workers > 0)
 
 
-def create_mixup(args, num_classes: int) -> Optional[Mixup]:
+def create_mixup(cfg: TrainConfig, num_classes: int) -> Optional[Mixup]:
     """timm's ``Mixup`` (mixup/cutmix with label smoothing folded into the soft targets), applied
     to device batches in the training process, or ``None`` when neither is on."""
-    mixup, cutmix = _opt(args, "mixup", 0.0), _opt(args, "cutmix", 0.0)
-    minmax = _opt(args, "cutmix_minmax")
-    if not (mixup > 0 or cutmix > 0 or minmax is not None):
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None):
         return None
-    if args.batch_size % 2:
-        raise InputError(f"mixup/cutmix pair the images of a batch: --batch-size must be even, got {args.batch_size}")
-    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, cutmix_minmax=minmax, prob=_opt(args, "mixup_prob", 1.0),
-                 switch_prob=_opt(args, "mixup_switch_prob", 0.5), mode=_opt(args, "mixup_mode", "batch"),
-                 label_smoothing=_opt(args, "smoothing", 0.0), num_classes=num_classes)
+    if cfg.batch_size % 2:
+        raise InputError(f"mixup/cutmix pair the images of a batch: --batch-size must be even, got {cfg.batch_size}")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)

@@ -15,7 +15,7 @@ half-written tree under the final name, and two concurrent runs cannot mix their
 
 Command line (prints the root, so a Makefile can use it)::
 
-    python -m linvision.data [--root DIR] [--limit N]
+    python -m linvision.demo_data [--root DIR] [--limit N]
 """
 import argparse
 import json
