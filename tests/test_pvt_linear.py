@@ -152,8 +152,8 @@ def test_filter_unwraps_in_memory_containers():
 
 
 def test_training_checkpoint_through_a_state_dict_overlay():
-    """The released files pickle a yacs CfgNode, which timm's file loader
-    (weights_only=True) rejects: torch.load(weights_only=False) them and pass the container."""
+    """A training-checkpoint container (raw + EMA weights and non-tensor entries) handed over as a
+    state dict: the raw weights load by default."""
     name = "inline_pvt_t"
     family, kw = SMALL[name]
     raw, ema = _small_sd(name, seed=5), _small_sd(name, seed=6)

@@ -16,11 +16,10 @@ official model, are resized bicubically at run time when the grid differs (non-s
 
 Official checkpoints load through :func:`checkpoint_filter_fn` (timm's own PVTv2 renames plus the
 attention's ``scale``/``positional_encoding``/``dwc`` → ``attn.mixer.*``); as for
-:mod:`linvision.backbones.pvt`, the released training checkpoints pickle a yacs config, so pass the
-``torch.load(..., weights_only=False)`` container::
+:mod:`linvision.backbones.pvt`, the released training checkpoints (which also pickle a yacs config,
+read as plain data by linvision's checkpoint reader) load as they are::
 
-    ckpt = torch.load('flatten_pvt_v2_b0.pth', map_location='cpu', weights_only=False)
-    timm.create_model('flatten_pvt_v2_b0', pretrained=True, pretrained_cfg_overlay=dict(state_dict=ckpt))
+    timm.create_model('flatten_pvt_v2_b0', pretrained=True, pretrained_cfg_overlay=dict(file='flatten_pvt_v2_b0.pth'))
 """
 from __future__ import annotations
 

@@ -397,13 +397,13 @@ _FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focuse
                 paper_ids="arXiv:2308.00442", origin_url="https://github.com/LeapLabTHU/FLatten-Transformer")
 _INLINE = dict(paper_name="Bridging the Divide: Reconsidering Softmax and Linear Attention",
                paper_ids="arXiv:2412.06590", origin_url="https://github.com/LeapLabTHU/InLine")
-# The share links name no file (torch.hub cannot cache them under a file name), and the training
+# The share links name no file (the weight registry gives each download its name), and the training
 # script saves {'model': ..., 'config': <yacs CfgNode>, ...} (whether the released files were
 # stripped is unverified).
-_RELEASE_NOTES = ("Tsinghua Cloud share link of the official release; download it and load it with "
-                  "pretrained_cfg_overlay=dict(file=...)",
-                  "saved by the official training script as {'model': ..., 'config': yacs CfgNode, ...}; a pickled "
-                  "config is rejected by torch.load(weights_only=True)",)
+_RELEASE_NOTES = ("Tsinghua Cloud share link of the official release; tools/download.py fetches, verifies and "
+                  "converts it (or pass the file with pretrained_cfg_overlay=dict(file=...))",
+                  "saved by the official training script as {'model': ..., 'config': yacs CfgNode, ...}; linvision "
+                  "reads the pickled config as plain data, without running code from the file",)
 
 
 def _release(file_id: str, **kwargs) -> Dict[str, Any]:

@@ -30,12 +30,11 @@ bottom/right before each patch embedding (the official conv would crop it), so a
 ⌈H/4⌉, ⌈H/8⌉, ... and no pixel is lost. At the ``img_size`` grid the forward equals the official one.
 
 Official checkpoints (a ``{'model': ...}`` training checkpoint, EMA entries, ``module.`` prefixes,
-or a plain state dict) load through :func:`checkpoint_filter_fn`. The released files also pickle a
-yacs config, which timm's ``file=`` loader (``weights_only=True``) refuses, so load them yourself
-(trusted source) and pass the container::
+or a plain state dict) load through :func:`checkpoint_filter_fn`. The released files also pickle
+the training script's yacs config; linvision's checkpoint reader turns it into plain data without
+running code from the file, so they load as they are::
 
-    ckpt = torch.load('flatten_pvt_t.pth', map_location='cpu', weights_only=False)
-    timm.create_model('flatten_pvt_t', pretrained=True, pretrained_cfg_overlay=dict(state_dict=ckpt))
+    timm.create_model('flatten_pvt_t', pretrained=True, pretrained_cfg_overlay=dict(file='flatten_pvt_t.pth'))
 
 A file holding only tensors (e.g. ``{'model': state_dict}``) also loads with
 ``pretrained_cfg_overlay=dict(file=PATH)``.
@@ -493,7 +492,7 @@ def tsinghua_url(share_id: str) -> str:
 
 
 _WEIGHTS_NOTE = ("Tsinghua Cloud share of a training checkpoint {'model': state_dict, 'config': yacs CfgNode, ...}; "
-                 "unpickling the config needs torch.load(weights_only=False)")
+                 "tools/download.py fetches and converts it; linvision reads the pickled config as plain data")
 FLATTEN = dict(paper_name="FLatten Transformer: Vision Transformer using Focused Linear Attention",
                paper_ids="arXiv:2308.00442", origin_url="https://github.com/LeapLabTHU/FLatten-Transformer",
                license="unknown")
