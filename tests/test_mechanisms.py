@@ -120,7 +120,7 @@ def test_bf16_autocast_large_inputs_stay_finite(name, kwargs):
 # ----------------------------------------------------------------------------------------------
 
 def official_focused(mixer, q, k, v, hw, form="head"):
-    """Literal transcription of the official FocusedLinearAttention forward (spec §1.1), fp64.
+    """Literal transcription of the official FocusedLinearAttention forward, fp64.
 
     ``form="head"``: the 2024 code (means, z = 1/(q·k̄ + 1e-6)); ``"2023"``: sums, written as the
     explicit N×N matrix ``A = φq φkᵀ / (φq·Σφk + 1e-6)``.
@@ -161,7 +161,7 @@ def test_focused_sum_form_matches_2023_quadratic_and_differs_from_head_where_eps
     head = randomize_(FocusedLinearAttention(8, 2, positional_encoding_size=hw)).double()
     old = FocusedLinearAttention(8, 2, positional_encoding_size=hw, normalizer_form="sum").double()
     old.load_state_dict(head.state_dict())
-    # ordinary magnitudes: the two forms agree to ~eps (spec §1.1 step 6: both reproduce the checkpoints)
+    # ordinary magnitudes: the two forms agree to ~eps (both reproduce the released checkpoints)
     q, k, v = qkv(1, 2, 9, 4)
     torch.testing.assert_close(old(q, k, v, hw=hw), official_focused(old, q, k, v, hw, form="2023"), **TIGHT)
     torch.testing.assert_close(old(q, k, v, hw=hw), head(q, k, v, hw=hw), rtol=1e-4, atol=1e-5)
@@ -179,7 +179,7 @@ def test_focused_sum_form_matches_2023_quadratic_and_differs_from_head_where_eps
 
 
 def test_focused_norm_spans_all_heads():
-    """Changing head 1 of q changes head 0's features (‖·‖ over all C channels, spec §3.1)."""
+    """Changing head 1 of q changes head 0's features (‖·‖ over all C channels, as the official code does)."""
     mixer = FocusedLinearAttention(8, 2).double()
     q, k, v = qkv(1, 2, 4, 4)
     out = mixer(q, k, v, hw=(2, 2))
@@ -208,7 +208,7 @@ def test_focused_gradcheck():
 # ----------------------------------------------------------------------------------------------
 
 def inline_weights(q, k):
-    """Explicit w_ij = (s_ij − mean_t s_it)/N + 1/N, s = d^-½ q·k (spec §2.1 step 5)."""
+    """Explicit w_ij = (s_ij − mean_t s_it)/N + 1/N, s = d^-½ q·k."""
     n, d = q.shape[2], q.shape[3]
     s = (q @ k.transpose(-1, -2)) * d ** -0.5
     return (s - s.mean(dim=-1, keepdim=True)) / n + 1.0 / n

@@ -1,14 +1,15 @@
 """The Triton linear-attention kernels against the PyTorch reference (values and gradients).
 
 On a CPU-only machine the kernels run under ``TRITON_INTERPRET=1`` (set by conftest.py before
-anything imports them): that subset is kept tiny (fp32/fp16 — the interpreter's bf16 ``tl.dot`` is
-wrong, environment.md §5). The full grid (dtypes × head dims × odd N × every option, strided views,
+anything imports them): that subset is kept tiny (fp32/fp16 — Triton's interpreter multiplies the raw
+bit patterns of bf16 ``tl.dot`` operands, so bf16 runs only on a GPU). The full grid (dtypes × head dims × odd N × every option, strided views,
 torch.compile, the fp16 overflow check at N = 262144) is ``@pytest.mark.cuda``.
 
 Tolerances (elementwise ``|tri − ref| ≤ atol + rtol·|ref|`` with ``atol = rtol·max|ref|``,
-against the reference fed the same inputs): fp32 rtol 1e-4; fp16 5e-3; bf16 2e-2. The kernels use
-ieee fp32 products for fp32 inputs and tf32 products (10-bit mantissa, finer than the inputs')
-for 16-bit inputs; the reference rounds its fp32 result to the input dtype as the kernels do.
+against the reference fed the same inputs): fp32 rtol 1e-4; fp16 5e-3; bf16 2e-2. The kernels'
+dot operands (``policy.dot_mode``): bf16 for bf16 inputs, tf32 for fp16, 3×tf32 for fp32 and under
+the interpreter; the reference rounds its fp32 result to the input dtype as the kernels do.
+``test_attn_rounding.py`` holds the tighter, dtype-rounding-based checks.
 """
 import math
 import os

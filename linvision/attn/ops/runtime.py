@@ -99,7 +99,7 @@ class Direct:
     """A kept ``CompiledKernel`` with its grid and its non-tensor arguments fixed: ``direct(tensors)``
     launches it on the current stream, with the same launcher, metadata and profiler hooks that
     ``JITFunction.run`` uses on a cache hit, but none of its per-call binding, cache-key and option
-    handling (tens of µs per launch on the lent H100's host; these kernels run for ten)."""
+    handling (tens of µs per launch on an H100 host; these kernels run for ten)."""
 
     __slots__ = ("compiled", "grid", "rest", "device")
 
