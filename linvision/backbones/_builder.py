@@ -6,11 +6,12 @@ from here, not from timm, so that every ``pretrained=True`` load goes through on
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+import re
+from typing import Any, Dict, Mapping, Sequence, Tuple
 
 from timm.models import build_model_with_cfg as _timm_build_model_with_cfg
 
-__all__ = ["build_model_with_cfg", "unwrap_checkpoint"]
+__all__ = ["build_model_with_cfg", "unwrap_checkpoint", "rename_key"]
 
 # Container keys of the training scripts the official releases come from, weights first, EMA last.
 RAW_KEYS = ("model", "state_dict")
@@ -34,6 +35,14 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
         if isinstance(value, Mapping) and value:
             return dict(value)
     return dict(checkpoint)
+
+
+def rename_key(key: str, renames: Sequence[Tuple[str, str]]) -> str:
+    """``key`` after each ``(pattern, replacement)`` regex substitution in turn (a checkpoint
+    filter's official → linvision key map)."""
+    for pattern, repl in renames:
+        key = re.sub(pattern, repl, key)
+    return key
 
 
 def build_model_with_cfg(model_cls, variant: str, pretrained: bool, **kwargs):

@@ -21,7 +21,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
-from ._builder import unwrap_checkpoint
+from ._builder import rename_key, unwrap_checkpoint
 
 __all__ = ["TokenGridBlock", "TokenGridVisionTransformer", "filter_vit_checkpoint"]
 
@@ -204,8 +204,7 @@ def filter_vit_checkpoint(state_dict: Mapping[str, Any], model: VisionTransforme
         if not isinstance(v, torch.Tensor):
             continue
         k = re.sub(r"^module\.", "", k)
-        for pattern, repl in renames:
-            k = re.sub(pattern, repl, k)
+        k = rename_key(k, renames)
         if k == "pos_embed" and model.pos_embed is not None and v.shape != model.pos_embed.shape:
             prefix = 0 if model.no_embed_class else model.num_prefix_tokens
             v = resample_abs_pos_embed(v, new_size=model.patch_embed.grid_size, num_prefix_tokens=prefix)

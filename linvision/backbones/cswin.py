@@ -51,7 +51,6 @@ takes a whole training container (``{'model': sd, 'state_dict_ema': sd_ema, 'opt
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,7 +63,7 @@ from timm.models._features import feature_take_indices
 
 from ..attn import FocusedLinearAttention, InjectiveLinearAttention
 from ..attn.grid import GridSize, as_grid, resize_token_table
-from ._builder import build_model_with_cfg, unwrap_checkpoint
+from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 
 __all__ = ["CSWinTransformer", "checkpoint_filter_fn"]
 
@@ -518,8 +517,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: CSWinTransformer) -> Dict[str,
     target = model.state_dict()
     out = {}
     for k, v in state_dict.items():
-        for pattern, repl in _RENAMES:
-            k = re.sub(pattern, repl, k)
+        k = rename_key(k, _RENAMES)
         if k.endswith("positional_encoding") and k in target and v.shape[1] != target[k].shape[1]:
             v = _resize_positional_encoding(v, model.get_submodule(k.rsplit(".", 1)[0]).positional_encoding_grid)
         out[k] = v

@@ -23,7 +23,6 @@ read as plain data by linvision's checkpoint reader) load as they are::
 """
 from __future__ import annotations
 
-import re
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -31,7 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from timm.models.pvt_v2 import checkpoint_filter_fn as _timm_pvt_v2_filter
 
-from ._builder import build_model_with_cfg, unwrap_checkpoint
+from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 from .pvt import (ATTENTIONS, ATTN_RENAMES, FLATTEN, PvtLinearAttention, cfg, check_coverage, resize_tables,
                   stage_grids, strip_prefixes, tsinghua_url)
 
@@ -104,12 +103,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: LinearPyramidVisionTransformer
     state_dict = strip_prefixes(unwrap_checkpoint(state_dict))
     if "patch_embed.proj.weight" not in state_dict:
         state_dict = _timm_pvt_v2_filter(state_dict, model)
-        out = {}
-        for k, v in state_dict.items():
-            for pattern, repl in ATTN_RENAMES:
-                k = re.sub(pattern, repl, k)
-            out[k] = v
-        state_dict = out
+        state_dict = {rename_key(k, ATTN_RENAMES): v for k, v in state_dict.items()}
     state_dict = resize_tables(state_dict, model)
     check_coverage(state_dict, model)
     return state_dict

@@ -37,7 +37,7 @@ from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ._builder import build_model_with_cfg, unwrap_checkpoint
+from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
 
 __all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys"]
@@ -497,8 +497,7 @@ def convert_official_keys(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torc
             name = "conv" if m.group(2) == "reduction" else "norm"
             out[f"stages.{int(m.group(1)) + 1}.downsample.{name}.{m.group(3)}"] = v
             continue
-        for pattern, repl in _RENAMES:
-            k = re.sub(pattern, repl, k)
+        k = rename_key(k, _RENAMES)
         if k == "head.weight" and v.dim() == 4:  # the official classifier is a 1x1 conv
             v = v.flatten(1)
         out[k] = v

@@ -41,7 +41,6 @@ A file holding only tensors (e.g. ``{'model': state_dict}``) also loads with
 """
 from __future__ import annotations
 
-import re
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,7 +53,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
 from ..attn import FocusedLinearAttention, InjectiveLinearAttention
-from ._builder import build_model_with_cfg, unwrap_checkpoint
+from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 
 __all__ = ["PyramidVisionTransformer", "PvtLinearAttention", "checkpoint_filter_fn", "stage_grids"]
 
@@ -464,12 +463,7 @@ def checkpoint_filter_fn(state_dict: Dict, model: PyramidVisionTransformer) -> D
     """
     state_dict = strip_prefixes(unwrap_checkpoint(state_dict))
     if not any(k.startswith("stages.") for k in state_dict):
-        out = {}
-        for k, v in state_dict.items():
-            for pattern, repl in _RENAMES:
-                k = re.sub(pattern, repl, k)
-            out[k] = v
-        state_dict = out
+        state_dict = {rename_key(k, _RENAMES): v for k, v in state_dict.items()}
     state_dict = resize_tables(state_dict, model)
     check_coverage(state_dict, model)
     return state_dict

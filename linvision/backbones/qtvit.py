@@ -54,7 +54,7 @@ from timm.models._features_fx import register_notrace_module
 from timm.models.efficientvit_mit import EfficientVit, EfficientVitBlock, EfficientVitLarge, LiteMLA
 
 from ..attn.qt_taylor import QuadraticTaylorAttention
-from ._builder import build_model_with_cfg, unwrap_checkpoint
+from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 
 __all__ = ["QtVit", "QtVitLarge", "QuadraticTaylorLiteMLA", "checkpoint_filter_fn", "convert_official_keys",
            "efficientvit_to_qtvit"]
@@ -230,8 +230,7 @@ def convert_official_keys(checkpoint: Mapping[str, Any]) -> Dict[str, Tensor]:
                 k = _stem_key(j) + rest
             else:
                 k = f"stages.{i - 1 if large else i}.blocks.{j}.{rest}"
-        for pattern, repl in _HEAD_RENAMES + _ATTN_RENAMES:
-            k = re.sub(pattern, repl, k)
+        k = rename_key(k, _HEAD_RENAMES + _ATTN_RENAMES)
         out[k] = v
     return out
 
