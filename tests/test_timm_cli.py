@@ -229,7 +229,12 @@ def test_import_from_the_folder_holding_a_clone(tmp_path):
 
 def test_mm_backbone_init_weights_logs_one_line_outside_a_runner(capsys):
     pytest.importorskip("mmengine")
+    from mmengine.logging import MMLogger
+
     from linvision.adapters.mm import LinVisionBackbone
+    # mmengine's "current" logger is the newest instance; one made now writes to the captured stdout
+    # (an instance another test made earlier holds the stream of that test's capture).
+    MMLogger.get_instance("test_mm_backbone_one_line", log_level="INFO")
     backbone = LinVisionBackbone("linvit_t", init_cfg=[dict(type="Constant", layer="Conv2d", val=1.0)])
     capsys.readouterr()
     backbone.init_weights()
