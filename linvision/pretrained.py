@@ -37,15 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from .checkpoint import atomic_write, sha256_file, write_json
-from .serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file
+from .checkpoint import atomic_write, sha256_file, write_manifest
+from .serialization import CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file
 
 __all__ = ["WeightEntry", "list_weights", "get_weight", "cache_dir", "entry_dir", "cached_weights",
            "download_file", "fetch", "convert_checkpoint", "resolve_pretrained", "PretrainedError",
            "is_offline", "store", "export_for_hub", "entry_state", "run_download_cli"]
 
 REGISTRY_FILE = Path(__file__).with_name("weights.json")
-MANIFEST_FORMAT = "linvision.manifest/1"
 
 
 class PretrainedError(RuntimeError):
@@ -247,9 +246,25 @@ def download_file(url: str, dest: Path, *, sha256: Optional[str] = None, size: O
 
 
 # ------------------------------------------------------------------------------------ conversion
+def _model_from(checkpoint: Any, model_name: str, source: Path, **kwargs):
+    """``timm.create_model(model_name, **kwargs)`` with ``checkpoint`` loaded strictly through the
+    family's filter; a checkpoint that does not fit is a one-line :class:`CheckpointError`."""
+    import timm
+    # The overlay's num_classes tells timm that the checkpoint's classifier fits the model.
+    overlay = dict(state_dict=checkpoint, **({"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}))
+    try:
+        return timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{source}: does not load into {model_name} ({first_line(e)[:300]})") from None
+
+
+def _download_record(path: Path, sha256: Optional[str]) -> Dict[str, Any]:
+    """What an entry's manifest records of the file it was made from."""
+    return {"name": path.name, "bytes": path.stat().st_size, "sha256": sha256 or sha256_file(path)}
+
+
 def convert_checkpoint(path: Path, model_name: str, out_dir: Path, *, sha256: Optional[str] = None,
-                       size: Optional[int] = None, source: str = "", prefer_ema: Optional[bool] = None,
-                       extra: Optional[Mapping[str, Any]] = None) -> Path:
+                       size: Optional[int] = None, source: str = "", prefer_ema: Optional[bool] = None) -> Path:
     """Convert an official checkpoint file to ``out_dir/model.safetensors`` + ``config.json``.
 
     The file is read safely, converted by the model family's ``checkpoint_filter_fn`` and loaded
@@ -264,33 +279,23 @@ def convert_checkpoint(path: Path, model_name: str, out_dir: Path, *, sha256: Op
         prefer_ema: pick the EMA (True) or raw (False) weights of a container holding both;
             ``None`` leaves the choice to the family's filter (its documented default).
     """
-    import timm
     from timm.models._hub import save_config_for_hf
 
     from .backbones._builder import unwrap_checkpoint
     from .checkpoint import save_weights
 
+    path = Path(path)
     checkpoint = load_checkpoint_file(path, sha256=sha256, size=size)
     if prefer_ema is not None and isinstance(checkpoint, dict):
         checkpoint = unwrap_checkpoint(checkpoint, prefer_ema=prefer_ema)
-    try:
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=checkpoint))
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: does not load into {model_name} ({first[:300]})") from None
+    model = _model_from(checkpoint, model_name, path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = save_weights(model.state_dict(), out_dir / "model.safetensors",
-                           dict(model=model_name.split(".")[0], converted_from=Path(path).name))
+                           dict(model=model_name.split(".")[0], converted_from=path.name))
     atomic_write(out_dir / "config.json", lambda tmp: save_config_for_hf(model, tmp))
-    manifest = {
-        "format": MANIFEST_FORMAT, "model": model_name, "source": source,
-        "files": {"weights": {"name": weights.name, "bytes": weights.stat().st_size, "sha256": sha256_file(weights)}},
-        "download": {"name": Path(path).name, "bytes": Path(path).stat().st_size,
-                     "sha256": sha256 or sha256_file(path)},
-        **dict(extra or {}),
-    }
-    write_json(manifest, out_dir / "model.json")
+    write_manifest(out_dir / "model.json", {"weights": weights},
+                   dict(model=model_name, source=source, download=_download_record(path, sha256)))
     return weights
 
 
@@ -345,11 +350,9 @@ def store(entry: WeightEntry, raw: Path) -> Path:
     if not tensors:
         raise CheckpointError(f"{raw}: holds no tensors")
     weights = save_weights(tensors, d / "model.safetensors", dict(model=entry.model, task=entry.task))
-    write_json({"format": MANIFEST_FORMAT, "model": entry.model, "task": entry.task, "source": entry.source,
-                "files": {"weights": {"name": weights.name, "bytes": weights.stat().st_size,
-                                      "sha256": sha256_file(weights)}},
-                "download": {"name": raw.name, "bytes": raw.stat().st_size, "sha256": entry.sha256 or sha256_file(raw)}},
-               d / "model.json")
+    write_manifest(d / "model.json", {"weights": weights},
+                   dict(model=entry.model, task=entry.task, source=entry.source,
+                        download=_download_record(raw, entry.sha256)))
     return weights
 
 
@@ -405,7 +408,6 @@ def export_for_hub(weights_file: Path, out_dir: Path, model_name: Optional[str] 
             model, classes and preprocessing) or any file :func:`load_checkpoint_file` reads.
         model_name, num_classes: needed when the file's metadata does not give them.
     """
-    import timm
     from timm.models._hub import save_config_for_hf
 
     from .checkpoint import read_weights_metadata, save_weights
@@ -421,13 +423,7 @@ def export_for_hub(weights_file: Path, out_dir: Path, model_name: Optional[str] 
     kwargs.update({k: meta[k] for k in ("in_chans",) if meta.get(k) is not None})
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
-    try:
-        # The overlay's num_classes tells timm that the checkpoint's classifier fits the model.
-        overlay = dict(state_dict=state, **({"num_classes": kwargs["num_classes"]} if "num_classes" in kwargs else {}))
-        model = timm.create_model(model_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except (RuntimeError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{weights_file}: does not load into {model_name} ({first[:300]})") from None
+    model = _model_from(state, model_name, weights_file, **kwargs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = {k: meta[k] for k in ("input_size", "crop_pct", "interpolation", "mean", "std") if meta.get(k) is not None}
@@ -448,9 +444,7 @@ def export_for_hub(weights_file: Path, out_dir: Path, model_name: Optional[str] 
         "Training metadata: " + json.dumps({k: v for k, v in meta.items() if k != "classes"}, sort_keys=True), "",
     ])
     atomic_write(out_dir / "README.md", lambda tmp: Path(tmp).write_text(card))
-    write_json({"format": MANIFEST_FORMAT, "model": model_name,
-                "files": {"weights": {"name": weights.name, "bytes": weights.stat().st_size,
-                                      "sha256": sha256_file(weights)}}}, out_dir / "model.json")
+    write_manifest(out_dir / "model.json", {"weights": weights}, dict(model=model_name))
     return out_dir
 
 

@@ -121,6 +121,12 @@ def to_plain_data(obj: Any) -> Any:
     return obj
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def checkpoint_format(path: PathLike) -> str:
     """``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"`` or ``"unknown"``, from the file's first bytes."""
     with open(path, "rb") as f:
@@ -187,7 +193,7 @@ def _torch_load(path: Path, map_location) -> Any:
                                   f"safe reader does not accept)") from None
         raise CheckpointError(f"{path}: refused to unpickle it ({reason[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         if "central directory" in first or isinstance(e, EOFError) or "truncated" in first.lower():
             raise CheckpointError(f"{path}: incomplete torch archive (truncated or corrupted)") from None
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({first[:160]})") from None
@@ -228,8 +234,8 @@ def load_checkpoint_file(path: PathLike, map_location: Union[str, torch.device] 
         try:
             return load_file(str(path), device=str(map_location))
         except (SafetensorError, OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: invalid safetensors file ({first[:160]}; truncated or corrupted)") from None
+            raise CheckpointError(f"{path}: invalid safetensors file ({first_line(e)[:160]}; truncated or "
+                                  f"corrupted)") from None
     if fmt == "unknown":
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file")

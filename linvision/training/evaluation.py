@@ -15,7 +15,7 @@ import torch
 
 from ..backbones._builder import unwrap_checkpoint
 from ..checkpoint import atomic_write, read_json, read_weights_metadata
-from ..serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file
+from ..serialization import CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file
 from .checkpoint_sets import BEST_WEIGHTS, LAST_WEIGHTS, ema_sibling
 from .common import InputError, plain
 from .config import EvalConfig
@@ -208,7 +208,7 @@ def evaluate_many(cfg: EvalConfig, jobs: Sequence[Tuple[Optional[str], Optional[
         try:
             r = evaluate_checkpoint(replace(cfg, model=model_name, checkpoint=checkpoint), log=log)
         except (InputError, CheckpointError, RuntimeError) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            message = first_line(e)
             log(f"error: {label}: {message}")
             rows.append({"model": model_name, "checkpoint": checkpoint, "error": message})
             continue
