@@ -39,6 +39,8 @@ from timm.models._features import feature_take_indices
 
 from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
+from ..ops import fused_depthwise_conv, triton_available
+from ..ops.depthwise import BACKENDS as FUSED_BACKENDS
 
 __all__ = ["LinViT", "checkpoint_filter_fn", "convert_official_keys"]
 
@@ -149,13 +151,38 @@ class PointwiseConv(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
                 input_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            weight, bias = self._fold(scale, input_bias)
+        else:
+            weight, bias = self._folded_for_inference(x, scale, input_bias)
+        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+    def _fold(self, scale: Optional[torch.Tensor], input_bias: Optional[torch.Tensor]):
         weight, bias = _PointwiseMatrix.apply(self.weight), self.bias
         if input_bias is not None:
             bias = torch.addmv(bias, weight, input_bias)
         if scale is not None:
             scale = scale.reshape(-1)
             weight, bias = weight * scale[:, None], bias * scale
-        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        return weight, bias
+
+    def _folded_for_inference(self, x: torch.Tensor, scale: Optional[torch.Tensor],
+                              input_bias: Optional[torch.Tensor]):
+        """The folded ``(weight, bias)`` in the dtype the product runs in, kept between calls while no
+        gradient is recorded: the folds and autocast's casts of them are half of a block's small launches,
+        and at 224² the model is bound by launches, not by the GPU. The key holds every input's version
+        counter and storage, so an optimizer step, ``load_state_dict`` or ``.to()`` refolds."""
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.weight.dtype
+        key = (dtype, *(None if t is None else (t._version, t.data_ptr(), t.device)
+                        for t in (self.weight, self.bias, scale, input_bias)))
+        cached = self.__dict__.get("_inference_fold")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weight, bias = self._fold(scale, input_bias)
+        folded = (weight.to(dtype), bias.to(dtype))
+        self.__dict__["_inference_fold"] = (key, folded)
+        return folded
 
 
 class ConvFfn(nn.Module):
@@ -168,9 +195,14 @@ class ConvFfn(nn.Module):
         self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
         self.fc2 = PointwiseConv(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``)."""
-        h = self.dwconv(self.act(self.fc1(x)), with_bias=False)
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None, fused: bool = False) -> torch.Tensor:
+        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``). ``fused``: GELU,
+        depthwise conv and its residual in one Triton pass (inference only, see :class:`LinViTBlock`)."""
+        h = self.fc1(x)
+        if fused:
+            h = fused_depthwise_conv(h, self.dwconv.weight, None, identity=True, gelu_input=True, backend="triton")
+        else:
+            h = self.dwconv(self.act(h), with_bias=False)
         return self.fc2(h, scale=scale, input_bias=self.dwconv.bias)
 
 
@@ -193,16 +225,21 @@ class GatedAttention(nn.Module):
         self.mixer = create_mixer(attn, dim, num_heads, **(attn_kwargs or {}))
         self.proj = PointwiseConv(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeGrid, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``scale``: the block's layer scale, applied to the output (folded into ``proj``)."""
+    def forward(self, x: torch.Tensor, rope: RopeGrid, scale: Optional[torch.Tensor] = None,
+                fused: bool = False) -> torch.Tensor:
+        """``scale``: the block's layer scale, applied to the output (folded into ``proj``). ``fused``: LePE,
+        its bias, the add and the gate in one Triton pass (inference only, see :class:`LinViTBlock`)."""
         b, c, h, w = x.shape
-        q, k, v, o = self.qkvo(x).chunk(4, dim=1)
-        lepe = self.lepe(v)
+        q, k, v_map, o = self.qkvo(x).chunk(4, dim=1)
         # (B, C, H, W) -> (B, heads, N, d) with channel = head * d + j (head-major), tokens row-major.
-        q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v))
+        q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v_map))
         u = self.mixer(q, k, v, hw=(h, w), rope=rope if self.mixer.uses_rope else None)
         u = u.transpose(-1, -2).reshape(b, c, h, w)
-        return self.proj((u + lepe) * o, scale=scale)
+        if fused:
+            gated = fused_depthwise_conv(v_map, self.lepe.weight, self.lepe.bias, add=u, gate=o, backend="triton")
+        else:
+            gated = (u + self.lepe(v_map)) * o
+        return self.proj(gated, scale=scale)
 
 
 class AutocastLayerNorm2d(LayerNorm2d):
@@ -215,7 +252,16 @@ class AutocastLayerNorm2d(LayerNorm2d):
 
 
 class LinViTBlock(nn.Module):
-    """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path."""
+    """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path.
+
+    Where no gradient is recorded (inference) the depthwise convs run fused with their neighbours
+    (:func:`linvision.ops.fused_depthwise_conv`): CPE + residual + bias + LayerNorm, LePE + bias + add +
+    gate, the attention branch's residual add + LayerNorm, and GELU + FFN depthwise conv + residual are one
+    Triton pass each, in place of eleven PyTorch ops. The same function; outputs differ by the rounding of the skipped intermediate results.
+    ``fused_backend`` (set by :class:`LinViT`) chooses when, see :meth:`_use_fused`.
+    """
+
+    fused_backend = "auto"
 
     def __init__(self, dim: int, num_heads: int, attn: str, mlp_ratio: float = 3.5,
                  layer_scale_init: float = 1.0, drop_path: float = 0.0,
@@ -236,9 +282,26 @@ class LinViTBlock(nn.Module):
         # The layer scales γ are folded into the last linear map of each branch (PointwiseConv), so the
         # residual adds are plain adds of two tensors of one layout and dtype: under autocast the
         # stream stays in the autocast dtype rather than being promoted to fp32 by an fp32 γ.
+        if self._use_fused(x):
+            x, h = fused_depthwise_conv(x, self.cpe.weight, self.cpe.bias, identity=True, backend="triton",
+                                        norm=(self.norm1.weight, self.norm1.bias, self.norm1.eps))
+            x, h = fused_depthwise_conv(x, None, identity=True, add=self.attn(h, rope, scale=self.gamma_1, fused=True),
+                                        norm=(self.norm2.weight, self.norm2.bias, self.norm2.eps), backend="triton")
+            return x + self.mlp(h, scale=self.gamma_2, fused=True)
         x = self.cpe(x)
         x = x + self.drop_path(self.attn(self.norm1(x), rope, scale=self.gamma_1))
         return x + self.drop_path(self.mlp(self.norm2(x), scale=self.gamma_2))
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the fused depthwise-conv kernels (:mod:`linvision.ops`): they are forward
+        only, so only where autograd records nothing, and drop path must be off (eval mode or rate 0).
+        ``fused_backend`` ``"auto"`` takes them for CUDA tensors, ``"triton"`` for any tensor the kernel
+        takes (CPU under ``TRITON_INTERPRET=1``: tests), ``"torch"`` never."""
+        if self.fused_backend == "torch" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        if self.training and not isinstance(self.drop_path, nn.Identity):
+            return False
+        return (x.is_cuda or self.fused_backend == "triton") and triton_available(x)
 
 
 class LinViTStage(nn.Module):
@@ -280,6 +343,9 @@ class LinViT(nn.Module):
         mlp_ratio: FFN expansion (3.5 in every official variant).
         layer_scale_init: per-stage initial value of the layer-scale gammas.
         projection: width ``P`` of the 1×1 conv + BN + SiLU before pooling (the pre-logits width).
+        fused_backend: where inference runs the blocks' fused depthwise-conv kernels: ``"auto"`` (CUDA
+            tensors), ``"torch"`` (never: plain PyTorch ops, e.g. to compare), ``"triton"`` (any tensor the
+            kernel takes; CPU under ``TRITON_INTERPRET=1``). Training always runs PyTorch ops.
     """
 
     def __init__(
@@ -298,8 +364,11 @@ class LinViT(nn.Module):
             projection: int = 2048,
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
+            fused_backend: str = "auto",
     ):
         super().__init__()
+        if fused_backend not in FUSED_BACKENDS:
+            raise ValueError(f"fused_backend must be one of {FUSED_BACKENDS}, got {fused_backend!r}")
         if attn not in MIXERS:
             raise ValueError(f"attn must be one of {sorted(MIXERS)}, got {attn!r}")
         attn_kwargs = dict(attn_kwargs or {})
@@ -334,6 +403,9 @@ class LinViT(nn.Module):
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        for block in self.modules():
+            if isinstance(block, LinViTBlock):
+                block.fused_backend = fused_backend
 
         self.num_features = self.head_hidden_size = projection
         self.conv_head = PointwiseConv(embed_dims[-1], projection)

@@ -23,7 +23,7 @@ import triton.runtime.errors
 from . import autotune, policy
 from .flags import INTERPRETING
 
-__all__ = ["DIRECT_LAUNCH", "DEPENDENT_LAUNCH", "dependent_launch", "dependent_consts", "Direct", "launch",
+__all__ = ["DIRECT_LAUNCH", "DEPENDENT_LAUNCH", "dependent_launch", "dependent_consts", "Direct", "launch", "launch_plain",
            "tune_after", "device_identity", "current_device_identity", "forget_choices", "tensor_key",
            "policy_key", "KernelCall", "PlanCache"]
 
@@ -302,6 +302,25 @@ def launch(kernel, grid, args: tuple, consts: dict, preceding_pass: Optional[Cal
             if _current_stream is None:
                 _current_stream = triton.runtime.driver.active.get_current_stream
     return None
+
+
+def launch_plain(kernel, grid: tuple, tensors: tuple, scalars: tuple, consts: dict) -> Optional[Direct]:
+    """Launch a plain ``@triton.jit`` kernel (no config choice: its constexprs are all in ``consts``) through
+    ``JITFunction.run`` and return a :class:`Direct` that launches the same compiled kernel, grid and scalars
+    on other tensors of the same specialisation (None under the interpreter or without direct launch).
+    For kernels outside this package (``linvision.ops``) that key their launches themselves."""
+    global _current_stream
+    compiled = kernel[grid](*tensors, *scalars, **consts)
+    if not DIRECT_LAUNCH or compiled is None:
+        return None
+    names = kernel.arg_names[len(tensors) + len(scalars):]
+    if not all(name in consts for name in names):
+        return None
+    if _current_stream is None:
+        _current_stream = triton.runtime.driver.active.get_current_stream
+    device = triton.runtime.driver.active.get_current_device()
+    full_grid = (tuple(grid) + (1, 1))[:3]
+    return Direct(compiled, full_grid, scalars + tuple(consts[name] for name in names), device)
 
 
 def tensor_key(*tensors) -> tuple:
