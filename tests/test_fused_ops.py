@@ -34,9 +34,6 @@ def _case(option, c, k, dtype, device="cpu", bsz=2, h=7, w=9):
         x = x.contiguous(memory_format=torch.channels_last)
         kwargs = dict(identity=True, add=torch.randn(bsz, c, h, w, device=device).to(dtype),
                       norm=(torch.randn(c, device=device), torch.randn(c, device=device), 1e-6))
-    elif option == "gelu_identity":
-        bias = None
-        kwargs = dict(identity=True, gelu_input=True)
     return x, weight, bias, kwargs
 
 
@@ -51,13 +48,11 @@ def _as_fp32(kwargs):
     return out
 
 
-OPTIONS = ["plain", "cpe_norm", "lepe_gate", "gelu_identity"]
-
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("option,c,k", [("plain", 24, 3), ("plain", 70, 7), ("cpe_norm", 24, 3),
                                         ("cpe_norm", 96, 3), ("lepe_gate", 24, 5), ("lepe_gate", 70, 5),
-                                        ("gelu_identity", 40, 3), ("add_norm", 24, 1), ("add_norm", 130, 1)])
+                                        ("add_norm", 24, 1), ("add_norm", 130, 1)])
 def test_kernel_matches_reference(option, c, k, dtype):
     if not triton_available(torch.empty(0)):
         pytest.skip("Triton kernels unavailable (no CUDA and no TRITON_INTERPRET)")
@@ -88,10 +83,11 @@ def test_reference_is_the_unfused_function():
     x, weight, bias, kwargs = _case("lepe_gate", 8, 5, torch.float32)
     manual = (kwargs["add"] + torch.nn.functional.conv2d(x, weight, bias, padding=2, groups=8)) * kwargs["gate"]
     torch.testing.assert_close(fused_depthwise_conv_torch(x, weight, bias, **kwargs), manual)
-    x, weight, _, _ = _case("gelu_identity", 8, 3, torch.float32)
-    g = torch.nn.functional.gelu(x)
-    torch.testing.assert_close(fused_depthwise_conv_torch(x, weight, None, identity=True, gelu_input=True),
-                               g + torch.nn.functional.conv2d(g, weight, None, padding=1, groups=8))
+    x, weight, bias, _ = _case("plain", 8, 3, torch.float32)
+    torch.testing.assert_close(fused_depthwise_conv_torch(x, weight, bias, identity=True),
+                               x + torch.nn.functional.conv2d(x, weight, bias, padding=1, groups=8))
+    add = torch.randn_like(x)
+    torch.testing.assert_close(fused_depthwise_conv_torch(x, None, None, identity=True, add=add), add + x)
 
 
 def test_auto_is_the_reference_when_autograd_records_or_on_cpu():
@@ -193,7 +189,7 @@ def test_inference_fold_cache_casts_once_for_autocast():
 @pytest.mark.cuda
 @pytest.mark.parametrize("option,c,k", [("cpe_norm", 96, 3), ("cpe_norm", 512, 3), ("lepe_gate", 192, 5),
                                         ("add_norm", 384, 1),
-                                        ("gelu_identity", 336, 3), ("plain", 1792, 3)])
+                                        ("plain", 1792, 3)])
 def test_kernel_bf16_cuda(option, c, k):
     x, weight, bias, kwargs = _case(option, c, k, torch.bfloat16, device="cuda", bsz=2, h=33, w=47)
     with torch.no_grad():

@@ -2,18 +2,16 @@
 
 In LinViT-style blocks a depthwise conv is always followed (or preceded) by elementwise work over the same
 activations: the conditional positional encoding ``x + DWConv3(x) + b`` feeds a LayerNorm, LePE
-``(u + DWConv5(v) + b) ⊙ o`` gates the attention output, and the FFN computes ``g + DWConv3(g)`` of
-``g = GELU(h)``. Run as PyTorch ops each step is a full read and write of the activations (and cuDNN adds
+``(u + DWConv5(v) + b) ⊙ o`` gates the attention output, and a residual add feeds the next LayerNorm. Run as PyTorch ops each step is a full read and write of the activations (and cuDNN adds
 the conv bias in a separate broadcast pass); the Triton kernel reads each input once and writes the
 result once. :func:`fused_depthwise_conv` computes, per channel ``c`` and pixel ``p``::
 
-    g   = GELU(x) if gelu_input else x                      (exact erf GELU)
-    y   = Σ_t w[c, t] g[p + t] (+ g[p] if identity) + bias[c]  (k×k taps, zero padding k//2)
+    y   = Σ_t w[c, t] x[p + t] (+ x[p] if identity) + bias[c]  (k×k taps, zero padding k//2)
     y   = y + add[p]                                         if add is given
     y   = y ⊙ gate[p]                                        if gate is given
     out = y,  or (y, LayerNorm_c(y)) with ``norm=(weight, bias, eps)``
 
-``weight=None`` leaves the conv out (``y = g (if identity) + bias``): with ``identity=True, add=a, norm=n`` that
+``weight=None`` leaves the conv out (``y = x (if identity) + bias``): with ``identity=True, add=a, norm=n`` that
 is a residual add fused with the LayerNorm after it.
 
 Inputs are ``(B, C, H, W)`` with any strides: channels_last tensors and channel slices of a wider
@@ -66,13 +64,12 @@ def output_dtype(x: Tensor) -> torch.dtype:
 
 
 def fused_depthwise_conv_torch(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *,
-                               identity: bool = False, gelu_input: bool = False, add: Optional[Tensor] = None,
+                               identity: bool = False, add: Optional[Tensor] = None,
                                gate: Optional[Tensor] = None,
                                norm: Optional[Norm] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """The reference: the same function as PyTorch ops (differentiable; the Triton kernel's twin)."""
-    g = F.gelu(x) if gelu_input else x
     if weight is None:    # no conv: the identity term (if asked) and the bias
-        y = g if identity else torch.zeros_like(g)
+        y = x if identity else torch.zeros_like(x)
         y = y + bias[:, None, None] if bias is not None else y
     else:
         k = weight.shape[-1]
@@ -80,7 +77,7 @@ def fused_depthwise_conv_torch(x: Tensor, weight: Optional[Tensor], bias: Option
             centre = torch.zeros_like(weight)
             centre[:, :, k // 2, k // 2] = 1.0
             weight = weight + centre
-        y = F.conv2d(g, weight, bias, 1, k // 2, 1, x.shape[1])
+        y = F.conv2d(x, weight, bias, 1, k // 2, 1, x.shape[1])
     if add is not None:
         y = add + y
     if gate is not None:
@@ -106,7 +103,7 @@ def triton_available(x: Tensor) -> bool:
 
 
 def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor] = None, *, identity: bool = False,
-                         gelu_input: bool = False, add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
+                         add: Optional[Tensor] = None, gate: Optional[Tensor] = None,
                          norm: Optional[Norm] = None,
                          backend: str = "auto") -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Depthwise k×k conv (stride 1, zero padding k//2) with its neighbours fused in (module docstring).
@@ -116,7 +113,6 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         weight: ``(C, 1, k, k)``, k odd; or None: no conv, so that ``identity=True, add=a, norm=n`` is the
             residual add ``x + a`` fused with the LayerNorm that follows it. bias: ``(C,)`` or None.
         identity: add the input itself (``x + DWConv(x)`` in one pass; 1 added to the centre tap).
-        gelu_input: convolve ``GELU(x)`` instead of ``x`` (the identity term then adds ``GELU(x)`` too).
         add, gate: ``(B, C, H, W)`` tensors added to, then multiplied with, the result.
         norm: ``(weight, bias, eps)`` of a LayerNorm over channels: also return the normalised result.
         backend: ``"torch"`` (reference, differentiable), ``"triton"`` (forward only) or ``"auto"``
@@ -132,15 +128,14 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         backend = "triton" if x.is_cuda and not records_grad(x, weight, bias, add, gate) and triton_available(x) \
             else "torch"
     if backend == "torch":
-        return fused_depthwise_conv_torch(x, weight, bias, identity=identity, gelu_input=gelu_input, add=add,
-                                          gate=gate, norm=norm)
+        return fused_depthwise_conv_torch(x, weight, bias, identity=identity, add=add, gate=gate, norm=norm)
     if records_grad(x, weight, bias, add, gate, *(norm[:2] if norm is not None else ())):
         raise ValueError("the Triton depthwise-conv path is forward only: call it under torch.no_grad() or "
                          "torch.inference_mode(), or use backend='torch'")
     from .depthwise_triton import depthwise_conv_triton
 
-    return depthwise_conv_triton(x, weight, bias, identity=identity, gelu_input=gelu_input, add=add, gate=gate,
-                                 norm=norm, out_dtype=output_dtype(x))
+    return depthwise_conv_triton(x, weight, bias, identity=identity, add=add, gate=gate, norm=norm,
+                                 out_dtype=output_dtype(x))
 
 
 def records_grad(*tensors: Optional[Tensor]) -> bool:

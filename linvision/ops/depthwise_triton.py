@@ -2,7 +2,7 @@
 
 One program computes a tile of ``BLOCK_P`` pixels (flattened ``(b, h, w)``, row-major) by ``BLOCK_C``
 channels of the channels_last output: for each of the k×k taps it loads the shifted input tile (masked
-at the image border, which is the zero padding), applies GELU if asked, and accumulates ``w[c, t] · x`` in
+at the image border, which is the zero padding) and accumulates ``w[c, t] · x`` in
 float32; then bias, identity, add, gate, and (``NORM``, one channel block spanning all channels) the
 LayerNorm statistics of the rounded result. Neighbouring taps re-read the same lines from L1/L2, so HBM
 sees each input about once. Inputs are addressed through their strides (slices of a wider channels_last
@@ -41,7 +41,7 @@ def _depthwise_kernel(
         sab, sac, sah, saw,
         sgb, sgc, sgh, sgw,
         eps,
-        K: tl.constexpr, CONV: tl.constexpr, IDENTITY: tl.constexpr, GELU: tl.constexpr, HAS_BIAS: tl.constexpr,
+        K: tl.constexpr, CONV: tl.constexpr, IDENTITY: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_ADD: tl.constexpr, HAS_GATE: tl.constexpr, NORM: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -64,8 +64,6 @@ def _depthwise_kernel(
             ok = ok_h & (ww >= 0) & (ww < W)
             xv = tl.load(x_base + (hh.to(tl.int64) * sxh + ww * sxw)[:, None],
                          mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            if GELU:
-                xv = 0.5 * xv * (1.0 + tl.math.erf(xv * 0.7071067811865476))
             if CONV:
                 wv = tl.load(w_ptr + offs_c * swc + kh * swh + kw * sww, mask=mask_c, other=0.0).to(tl.float32)
                 acc += xv * wv[None, :]
@@ -122,7 +120,7 @@ def _strides(t: Tensor) -> tuple:
 
 
 def depthwise_conv_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], *, identity: bool,
-                          gelu_input: bool, add: Optional[Tensor], gate: Optional[Tensor],
+                          add: Optional[Tensor], gate: Optional[Tensor],
                           norm: Optional[Tuple[Tensor, Tensor, float]], out_dtype: torch.dtype):
     """Host function (inputs validated by the dispatcher; no autograd). Returns the channels_last output,
     or ``(output, normalised output)`` with ``norm``."""
@@ -141,7 +139,7 @@ def depthwise_conv_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     g_t = gate if gate is not None else x
     nw_t, nb_t, eps = (norm[0], norm[1], float(norm[2])) if norm is not None else (x, x, 0.0)
     tensors = (x, w_t, b_t, a_t, g_t, nw_t, nb_t, out, norm_out)
-    key = (tensor_key(*tensors), weight is not None, identity, gelu_input, bias is not None, add is not None, gate is not None,
+    key = (tensor_key(*tensors), weight is not None, identity, bias is not None, add is not None, gate is not None,
            norm is not None, eps)
     direct = _PLANS.get(key)
     if direct is not None:
@@ -153,7 +151,7 @@ def depthwise_conv_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
         w_strides = (w_t.stride(0), w_t.stride(2), w_t.stride(3)) if weight is not None else (0, 0, 0)
         scalars = (p, h, w, c, *_strides(x), *w_strides,
                    *_strides(a_t), *_strides(g_t), eps)
-        consts = dict(K=k, CONV=weight is not None, IDENTITY=identity, GELU=gelu_input, HAS_BIAS=bias is not None,
+        consts = dict(K=k, CONV=weight is not None, IDENTITY=identity, HAS_BIAS=bias is not None,
                       HAS_ADD=add is not None, HAS_GATE=gate is not None, NORM=norm is not None,
                       BLOCK_P=block_p, BLOCK_C=block_c, num_warps=warps)
         direct = launch_plain(_depthwise_kernel, grid, tensors, scalars, consts)
