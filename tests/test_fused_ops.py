@@ -4,6 +4,8 @@ path that uses it (and its cache of folded weights) against the plain PyTorch pa
 CPU: the kernel under ``TRITON_INTERPRET=1`` (fp32, fp16) on small odd shapes, strided inputs, every option.
 CUDA: bf16 at model shapes, and whole models under bf16 autocast.
 """
+import copy
+
 import pytest
 import timm
 import torch
@@ -173,6 +175,7 @@ def test_inference_fold_cache_follows_parameter_changes():
             torch.testing.assert_close(conv(x, scale=scale, input_bias=input_bias), expected(), rtol=1e-5,
                                        atol=1e-5)
     assert conv(x, scale=scale, input_bias=input_bias).requires_grad     # with grad: folded afresh, differentiable
+    assert "_inference_fold" in conv.__dict__ and "_inference_fold" not in copy.deepcopy(conv).__dict__
 
 
 def test_inference_fold_cache_casts_once_for_autocast():

@@ -157,6 +157,12 @@ class PointwiseConv(nn.Conv2d):
             weight, bias = self._folded_for_inference(x, scale, input_bias)
         return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
+    def __getstate__(self):
+        # The inference cache is derived data: copies and pickles of the module leave it behind.
+        state = super().__getstate__()
+        state.pop("_inference_fold", None)
+        return state
+
     def _fold(self, scale: Optional[torch.Tensor], input_bias: Optional[torch.Tensor]):
         weight, bias = _PointwiseMatrix.apply(self.weight), self.bias
         if input_bias is not None:
