@@ -16,7 +16,6 @@ Files:
         :func:`verify_manifest` detects a truncated or corrupted file.
 """
 import errno
-import hashlib
 import json
 import os
 import random
@@ -27,8 +26,11 @@ from typing import Any, Callable, Dict, Mapping, Optional, Union
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
+
+# The reading side (the safe loader and the metadata/hash helpers it needs) lives in .serialization;
+# this module writes, and re-exports those readers for its callers.
+from .serialization import WEIGHTS_METADATA_KEY, load_checkpoint_file, read_weights_metadata, sha256_file
 
 __all__ = [
     "atomic_write", "save_weights", "load_weights", "read_weights_metadata",
@@ -37,9 +39,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-
-# Metadata key under which linvision stores its JSON-encoded run information in a safetensors file.
-_META_KEY = "linvision"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -147,25 +146,14 @@ def save_weights(state_dict: Mapping[str, torch.Tensor], path: PathLike,
     tensors = _tensors_for_safetensors(state_dict)
     header = {"format": "pt"}  # what timm/transformers expect for torch-written files
     if metadata:
-        header[_META_KEY] = json.dumps(dict(metadata), sort_keys=True)
+        header[WEIGHTS_METADATA_KEY] = json.dumps(dict(metadata), sort_keys=True)
     # Looked up at call time (not bound at import) so tests can simulate a failing serializer.
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
-
-
-def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
-    """The metadata :func:`save_weights` stored in ``path``; ``{}`` for other files (``.pth``,
-    foreign safetensors)."""
-    if not str(path).endswith(".safetensors"):
-        return {}
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get(_META_KEY)
-    return json.loads(raw) if raw else {}
 
 
 def load_weights(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
     """Read a ``state_dict`` written by :func:`save_weights` (any safetensors file), checked against
     the manifest beside it when there is one."""
-    from .serialization import load_checkpoint_file
     return load_checkpoint_file(path, device)
 
 
@@ -176,7 +164,6 @@ def save_state(state: Mapping[str, Any], path: PathLike) -> Path:
 
 def load_state(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     """Load a training-state dict written by :func:`save_state` (never runs code from the file)."""
-    from .serialization import load_checkpoint_file
     return load_checkpoint_file(path, device)
 
 
@@ -207,15 +194,6 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_json(obj: Any, path: PathLike) -> Path:

@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .checkpoint import atomic_write, sha256_file, write_manifest
-from .serialization import CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file
+from .serialization import (CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file,
+                            unwrap_checkpoint)
 
 __all__ = ["WeightEntry", "list_weights", "get_weight", "cache_dir", "entry_dir", "cached_weights",
            "download_file", "fetch", "convert_checkpoint", "resolve_pretrained", "PretrainedError",
@@ -281,7 +282,6 @@ def convert_checkpoint(path: Path, model_name: str, out_dir: Path, *, sha256: Op
     """
     from timm.models._hub import save_config_for_hf
 
-    from .backbones._builder import unwrap_checkpoint
     from .checkpoint import save_weights
 
     path = Path(path)
@@ -341,7 +341,6 @@ def store(entry: WeightEntry, raw: Path) -> Path:
         return convert_checkpoint(raw, entry.name, d, sha256=entry.sha256, size=entry.size, source=entry.source)
     # Dense-task releases keep their detector/segmentor state dict (the mm/torchvision adapters
     # map its backbone keys); stored as safetensors so that reading it can never run code.
-    from .backbones._builder import unwrap_checkpoint
     from .checkpoint import save_weights
     import torch
     checkpoint = load_checkpoint_file(raw, sha256=entry.sha256, size=entry.size)

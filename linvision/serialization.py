@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import pickle
@@ -34,15 +35,15 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from .checkpoint import sha256_file
 
 __all__ = ["CheckpointError", "load_checkpoint_file", "allow_plain_data_in_torch_load", "find_manifest_entry", "to_plain_data",
-           "checkpoint_format", "checkpoint_model_name", "check_checkpoint_model"]
+           "checkpoint_format", "checkpoint_model_name", "check_checkpoint_model", "sha256_file",
+           "read_weights_metadata", "WEIGHTS_METADATA_KEY", "unwrap_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 
@@ -119,6 +120,55 @@ def to_plain_data(obj: Any) -> Any:
     if isinstance(obj, tuple):
         return tuple(to_plain_data(v) for v in obj)
     return obj
+
+
+# The safetensors header key under which linvision.checkpoint.save_weights stores its JSON metadata.
+WEIGHTS_METADATA_KEY = "linvision"
+
+
+def sha256_file(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_weights_metadata(path: PathLike) -> Dict[str, Any]:
+    """The metadata ``linvision.checkpoint.save_weights`` stored in ``path``; ``{}`` for other files
+    (``.pth``, foreign safetensors)."""
+    if not str(path).endswith(".safetensors"):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get(WEIGHTS_METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+# Container keys of the training scripts the official releases come from, weights first, EMA last.
+RAW_KEYS = ("model", "state_dict")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
+                      keys: Sequence[str] = ()) -> Dict[str, Any]:
+    """The state dict inside a checkpoint container, or the checkpoint itself when it is one.
+
+    Args:
+        checkpoint: a plain state dict or a container such as ``{'model': sd, 'optimizer': ...,
+            'state_dict_ema': sd_ema}``.
+        prefer_ema: look at the EMA entries (``state_dict_ema``, ``model_ema``, ``ema``) before the
+            raw ones (``model``, ``state_dict``); either way the other kind is the fallback.
+        keys: extra container keys to try first (a family's own layout).
+    """
+    order = tuple(keys) + (EMA_KEYS + RAW_KEYS if prefer_ema else RAW_KEYS + EMA_KEYS)
+    for key in order:
+        value = checkpoint.get(key)
+        if isinstance(value, Mapping) and value:
+            return dict(value)
+    return dict(checkpoint)
 
 
 def first_line(exc: BaseException) -> str:
@@ -254,7 +304,6 @@ def checkpoint_model_name(path: PathLike) -> Optional[str]:
     path = Path(path)
     if not path.is_file() or checkpoint_format(path) != "safetensors":
         return None
-    from .checkpoint import read_weights_metadata
     try:
         meta = read_weights_metadata(path) if path.name.endswith(".safetensors") else {}
     except Exception:  # an unreadable header is reported by the reader that follows, not here

@@ -1,4 +1,4 @@
-"""Every module of ``linvision`` imports, and ``linvision.attn``'s modules import each other without a cycle.
+"""Every module of ``linvision`` imports, and no modules of the package import each other in a cycle.
 
 The graph is read from the source (``ast``: every ``import`` statement, at module level or inside a function,
 so lazy imports count too). An edge goes from a module to each ``linvision`` module it names:
@@ -109,3 +109,11 @@ def test_no_import_cycle_among_attn_modules():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_every_module_imports(module):
     importlib.import_module(module)
+
+
+def test_no_import_cycle_in_the_package():
+    """Layers import downwards only (attn → ops → backbones → adapters/training; serialization below
+    checkpoint and pretrained), so no two modules import each other, lazily or not."""
+    graph = import_graph()
+    cycle = find_cycle(graph)
+    assert not cycle, "import cycle: " + " -> ".join(cycle)

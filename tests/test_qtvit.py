@@ -17,7 +17,7 @@ from timm.optim import create_optimizer_v2
 from torch import nn
 
 import linvision  # noqa: F401  (registers the models)
-from linvision.backbones._builder import unwrap_checkpoint
+from linvision.serialization import unwrap_checkpoint
 from linvision.backbones.qtvit import checkpoint_filter_fn, convert_official_keys, efficientvit_to_qtvit
 from official_reference_qtvit import CONFIGS, Config, official_forward, official_layout
 

@@ -16,7 +16,7 @@ from PIL import Image
 import linvision  # noqa: F401  (registers the models)
 from linvision import checkpoint as ckpt
 from linvision.training import cli, trainer
-from linvision.backbones._builder import EMA_KEYS, RAW_KEYS, unwrap_checkpoint
+from linvision.serialization import EMA_KEYS, RAW_KEYS, unwrap_checkpoint
 from linvision.training import checkpoint_sets as ckpt_sets
 from linvision.training.checkpoint_sets import CheckpointManager, resolve_resume
 from linvision.training.common import InputError

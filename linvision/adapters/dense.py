@@ -33,7 +33,7 @@ from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..backbones._builder import unwrap_checkpoint
+from ..serialization import unwrap_checkpoint
 from ..backbones.linvit import LinViT, convert_official_keys
 from ..serialization import load_checkpoint_file
 

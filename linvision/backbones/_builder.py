@@ -2,40 +2,19 @@
 
 :func:`build_model_with_cfg` is timm's builder of the same name and signature; families import it
 from here, not from timm, so that every ``pretrained=True`` load goes through one place.
-:func:`unwrap_checkpoint` picks the weights out of a training-checkpoint container.
+:func:`unwrap_checkpoint` (from :mod:`linvision.serialization`) picks the weights out of a
+training-checkpoint container; :func:`rename_key` applies a filter's regex key map.
 """
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from timm.models import build_model_with_cfg as _timm_build_model_with_cfg
 
+from ..serialization import unwrap_checkpoint   # the families' checkpoint filters take it from here
+
 __all__ = ["build_model_with_cfg", "unwrap_checkpoint", "rename_key"]
-
-# Container keys of the training scripts the official releases come from, weights first, EMA last.
-RAW_KEYS = ("model", "state_dict")
-EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
-
-
-def unwrap_checkpoint(checkpoint: Mapping[str, Any], prefer_ema: bool = False,
-                      keys: Sequence[str] = ()) -> Dict[str, Any]:
-    """The state dict inside a checkpoint container, or the checkpoint itself when it is one.
-
-    Args:
-        checkpoint: a plain state dict or a container such as ``{'model': sd, 'optimizer': ...,
-            'state_dict_ema': sd_ema}``.
-        prefer_ema: look at the EMA entries (``state_dict_ema``, ``model_ema``, ``ema``) before the
-            raw ones (``model``, ``state_dict``); either way the other kind is the fallback.
-        keys: extra container keys to try first (a family's own layout).
-    """
-    order = tuple(keys) + (EMA_KEYS + RAW_KEYS if prefer_ema else RAW_KEYS + EMA_KEYS)
-    for key in order:
-        value = checkpoint.get(key)
-        if isinstance(value, Mapping) and value:
-            return dict(value)
-    return dict(checkpoint)
-
 
 def rename_key(key: str, renames: Sequence[Tuple[str, str]]) -> str:
     """``key`` after each ``(pattern, replacement)`` regex substitution in turn (a checkpoint
