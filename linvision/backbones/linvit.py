@@ -288,8 +288,9 @@ class LinViTBlock(nn.Module):
         if self._use_fused(x):
             x, h = fused_depthwise_conv(x, self.cpe.weight, self.cpe.bias, identity=True, backend="triton",
                                         norm=(self.norm1.weight, self.norm1.bias, self.norm1.eps))
-            x, h = fused_depthwise_conv(x, None, identity=True, add=self.attn(h, rope, scale=self.gamma_1, fused=True),
-                                        norm=(self.norm2.weight, self.norm2.bias, self.norm2.eps), backend="triton")
+            attn = self.attn(h, rope, scale=self.gamma_1, fused=True)
+            x, h = fused_depthwise_conv(x, None, identity=True, add=attn, backend="triton",
+                                        norm=(self.norm2.weight, self.norm2.bias, self.norm2.eps))
             return x + self.mlp(h, scale=self.gamma_2)
         x = self.cpe(x)
         x = x + self.drop_path(self.attn(self.norm1(x), rope, scale=self.gamma_1))

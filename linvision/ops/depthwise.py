@@ -2,17 +2,17 @@
 
 In LinViT-style blocks a depthwise conv is always followed (or preceded) by elementwise work over the same
 activations: the conditional positional encoding ``x + DWConv3(x) + b`` feeds a LayerNorm, LePE
-``(u + DWConv5(v) + b) ⊙ o`` gates the attention output, and a residual add feeds the next LayerNorm. Run as PyTorch ops each step is a full read and write of the activations (and cuDNN adds
-the conv bias in a separate broadcast pass); the Triton kernel reads each input once and writes the
-result once. :func:`fused_depthwise_conv` computes, per channel ``c`` and pixel ``p``::
+``(u + DWConv5(v) + b) ⊙ o`` gates the attention output, and a residual add feeds the next LayerNorm.
+Run as PyTorch ops each step is a full read and write of the activations (and cuDNN adds the conv bias in
+a separate broadcast pass); the Triton kernel reads each input once and writes the result once. :func:`fused_depthwise_conv` computes, per channel ``c`` and pixel ``p``::
 
-    y   = Σ_t w[c, t] x[p + t] (+ x[p] if identity) + bias[c]  (k×k taps, zero padding k//2)
-    y   = y + add[p]                                         if add is given
-    y   = y ⊙ gate[p]                                        if gate is given
+    y   = Σ_t w[c, t] x[p + t] (+ x[p] if identity) + bias[c]   (k×k taps, zero padding k//2)
+    y   = y + add[p]                                           if add is given
+    y   = y ⊙ gate[p]                                          if gate is given
     out = y,  or (y, LayerNorm_c(y)) with ``norm=(weight, bias, eps)``
 
-``weight=None`` leaves the conv out (``y = x (if identity) + bias``): with ``identity=True, add=a, norm=n`` that
-is a residual add fused with the LayerNorm after it.
+``weight=None`` leaves the conv out (``y = x (if identity) + bias``): with ``identity=True, add=a, norm=n``
+that is a residual add fused with the LayerNorm after it.
 
 Inputs are ``(B, C, H, W)`` with any strides: channels_last tensors and channel slices of a wider
 channels_last tensor (q/k/v/o of a fused projection) are read in place. The output is channels_last in the
