@@ -4,7 +4,8 @@ In LinViT-style blocks a depthwise conv is always followed (or preceded) by elem
 activations: the conditional positional encoding ``x + DWConv3(x) + b`` feeds a LayerNorm, LePE
 ``(u + DWConv5(v) + b) ⊙ o`` gates the attention output, and a residual add feeds the next LayerNorm.
 Run as PyTorch ops each step is a full read and write of the activations (and cuDNN adds the conv bias in
-a separate broadcast pass); the Triton kernel reads each input once and writes the result once. :func:`fused_depthwise_conv` computes, per channel ``c`` and pixel ``p``::
+a separate broadcast pass); the Triton kernel reads each input once and writes the result once.
+:func:`fused_depthwise_conv` computes, per channel ``c`` and pixel ``p``::
 
     y   = Σ_t w[c, t] x[p + t] (+ x[p] if identity) + bias[c]   (k×k taps, zero padding k//2)
     y   = y + add[p]                                           if add is given
