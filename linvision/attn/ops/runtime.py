@@ -260,7 +260,6 @@ def launch(kernel, grid, args: tuple, consts: dict, preceding_pass: Optional[Cal
     Returns the :class:`Direct` for these exact non-tensor arguments once a kernel is kept (else None), so
     that a caller which keys it on everything that fixes them (:class:`KernelCall`) can skip this function.
     """
-    global _current_stream
     if DIRECT_LAUNCH:
         device = triton.runtime.driver.active.get_current_device()
         key = (device, kernel, tuple(consts.values()), _specialisation(args))
@@ -294,14 +293,25 @@ def launch(kernel, grid, args: tuple, consts: dict, preceding_pass: Optional[Cal
         kwargs = {**consts, **config.all_kwargs()}
         compiled = kernel.fn[grid](*args, **kwargs)
     if DIRECT_LAUNCH and compiled is not None:
-        names = kernel.fn.arg_names[len(args):]
-        if all(name in kwargs for name in names):  # the constexprs, in signature order, after the runtime args
+        tail = _keep_tail(kernel.fn, len(args), kwargs)
+        if tail is not None:
             if len(_COMPILED) >= _COMPILED_MAX:
                 _COMPILED.clear()
-            _COMPILED[key] = (compiled, tuple(kwargs[name] for name in names), {**consts, **config.kwargs})
-            if _current_stream is None:
-                _current_stream = triton.runtime.driver.active.get_current_stream
+            _COMPILED[key] = (compiled, tail, {**consts, **config.kwargs})
     return None
+
+
+def _keep_tail(jit_fn, n_args: int, values: dict) -> Optional[tuple]:
+    """The constexpr values that follow a kernel's ``n_args`` runtime arguments, in signature order (what a
+    kept ``CompiledKernel`` takes after them), or None when ``values`` lacks one (the kernel is not kept).
+    Binds the driver's stream getter that :class:`Direct` launches on."""
+    global _current_stream
+    names = jit_fn.arg_names[n_args:]
+    if not all(name in values for name in names):
+        return None
+    if _current_stream is None:
+        _current_stream = triton.runtime.driver.active.get_current_stream
+    return tuple(values[name] for name in names)
 
 
 def launch_plain(kernel, grid: tuple, tensors: tuple, scalars: tuple, consts: dict) -> Optional[Direct]:
@@ -309,18 +319,14 @@ def launch_plain(kernel, grid: tuple, tensors: tuple, scalars: tuple, consts: di
     ``JITFunction.run`` and return a :class:`Direct` that launches the same compiled kernel, grid and scalars
     on other tensors of the same specialisation (None under the interpreter or without direct launch).
     For kernels outside this package (``linvision.ops``) that key their launches themselves."""
-    global _current_stream
     compiled = kernel[grid](*tensors, *scalars, **consts)
     if not DIRECT_LAUNCH or compiled is None:
         return None
-    names = kernel.arg_names[len(tensors) + len(scalars):]
-    if not all(name in consts for name in names):
+    tail = _keep_tail(kernel, len(tensors) + len(scalars), consts)
+    if tail is None:
         return None
-    if _current_stream is None:
-        _current_stream = triton.runtime.driver.active.get_current_stream
     device = triton.runtime.driver.active.get_current_device()
-    full_grid = (tuple(grid) + (1, 1))[:3]
-    return Direct(compiled, full_grid, scalars + tuple(consts[name] for name in names), device)
+    return Direct(compiled, (tuple(grid) + (1, 1))[:3], scalars + tail, device)
 
 
 def tensor_key(*tensors) -> tuple:
