@@ -206,6 +206,15 @@ def test_kernel_bf16_cuda(option, c, k):
 
 
 @pytest.mark.cuda
+def test_auto_takes_the_reference_when_only_the_norm_parameters_need_gradients():
+    x, weight, bias, kwargs = _case("cpe_norm", 16, 3, torch.float32, device="cuda")
+    norm_weight = kwargs["norm"][0].requires_grad_()
+    _, normed = fused_depthwise_conv(x, weight, bias, **kwargs)     # auto: must not pick the forward-only kernel
+    normed.sum().backward()
+    assert norm_weight.grad is not None
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", ["linvit_t", "mavit_t", "linvit_b"])
 def test_fused_inference_matches_plain_model_cuda_bf16(name):
     plain = timm.create_model(name, fused_backend="torch").cuda().eval()

@@ -125,12 +125,12 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _check(x, weight, bias, add, gate, norm)
+    grad = records_grad(x, weight, bias, add, gate, *(norm[:2] if norm is not None else ()))
     if backend == "auto":
-        backend = "triton" if x.is_cuda and not records_grad(x, weight, bias, add, gate) and triton_available(x) \
-            else "torch"
+        backend = "triton" if x.is_cuda and not grad and triton_available(x) else "torch"
     if backend == "torch":
         return fused_depthwise_conv_torch(x, weight, bias, identity=identity, add=add, gate=gate, norm=norm)
-    if records_grad(x, weight, bias, add, gate, *(norm[:2] if norm is not None else ())):
+    if grad:
         raise ValueError("the Triton depthwise-conv path is forward only: call it under torch.no_grad() or "
                          "torch.inference_mode(), or use backend='torch'")
     from .depthwise_triton import depthwise_conv_triton
