@@ -103,7 +103,7 @@ TILE_ELEMENTS = 2048   # accumulators per program: 16 per thread at 4 warps
 MAX_BLOCK_C = 64       # channels per program without norm
 
 
-def _blocks(c: int, k: int, norm: bool) -> Tuple[int, int, int]:
+def _blocks(c: int, norm: bool) -> Tuple[int, int, int]:
     """(BLOCK_P, BLOCK_C, num_warps): tiles of ``TILE_ELEMENTS`` fp32 accumulators, at most 64 channels wide
     (128 contiguous bytes of bf16 per pixel); with ``norm`` one channel block covers every channel (the
     statistics need the whole row)."""
@@ -145,7 +145,7 @@ def depthwise_conv_triton(x: Tensor, weight: Optional[Tensor], bias: Optional[Te
     if direct is not None:
         direct(tensors)
     else:
-        block_p, block_c, warps = _blocks(c, k, norm is not None)
+        block_p, block_c, warps = _blocks(c, norm is not None)
         p = bsz * h * w
         grid = (triton.cdiv(p, block_p), triton.cdiv(c, block_c))
         w_strides = (w_t.stride(0), w_t.stride(2), w_t.stride(3)) if weight is not None else (0, 0, 0)
