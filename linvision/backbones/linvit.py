@@ -26,7 +26,8 @@ Official checkpoints (``{'model': ...}``, ``{'model_ema': ...}``, ``{'state_dict
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from operator import attrgetter
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
+from timm.layers.fast_norm import fast_layer_norm
 from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -134,6 +136,11 @@ class ResidualDepthwiseConv(nn.Conv2d):
         return self._conv_forward(x, _AddCentreTap.apply(self.weight, self.centre), self.bias if with_bias else None)
 
 
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """1×1 conv of a channels_last ``(B, I, H, W)`` by an ``(O, I)`` matrix: a GEMM over the NHWC view."""
+    return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+
+
 class PointwiseConv(nn.Conv2d):
     """A 1×1 conv computed as a matrix product over the NHWC view of a channels_last input.
 
@@ -155,7 +162,7 @@ class PointwiseConv(nn.Conv2d):
             weight, bias = self._fold(scale, input_bias)
         else:
             weight, bias = self._folded_for_inference(x, scale, input_bias)
-        return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
+        return _pointwise(x, weight, bias)
 
     def __getstate__(self):
         # The inference cache is derived data: copies and pickles of the module leave it behind.
@@ -201,8 +208,14 @@ class ConvFfn(nn.Module):
         self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
         self.fc2 = PointwiseConv(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``)."""
+    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                weights: Optional["BlockWeights"] = None) -> torch.Tensor:
+        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``). ``weights``: the
+        block's prepared weights (training, see :class:`BlockWeights`), used instead of the layers' own."""
+        if weights is not None:
+            h = self.act(_pointwise(x, weights.fc1_weight, weights.fc1_bias))
+            h = F.conv2d(h, weights.dw_weight, None, 1, 1, 1, h.shape[1])
+            return _pointwise(h, weights.fc2_weight, weights.fc2_bias)
         # GELU stays a separate pass: fused into the depthwise kernel it is evaluated once per tap (9×), and
         # that kernel measured 3–4× slower than GELU + cuDNN's depthwise conv on an H100.
         h = self.dwconv(self.act(self.fc1(x)), with_bias=False)
@@ -229,15 +242,24 @@ class GatedAttention(nn.Module):
         self.proj = PointwiseConv(dim, dim)
 
     def forward(self, x: torch.Tensor, rope: RopeGrid, scale: Optional[torch.Tensor] = None,
-                fused: bool = False) -> torch.Tensor:
+                fused: bool = False, weights: Optional["BlockWeights"] = None) -> torch.Tensor:
         """``scale``: the block's layer scale, applied to the output (folded into ``proj``). ``fused``: LePE,
-        its bias, the add and the gate in one Triton pass (inference only, see :class:`LinViTBlock`)."""
+        its bias, the add and the gate in one Triton pass (inference only, see :class:`LinViTBlock`).
+        ``weights``: the block's prepared weights (training, see :class:`BlockWeights`), used instead of
+        the layers' own parameters and ``scale``."""
         b, c, h, w = x.shape
-        q, k, v_map, o = self.qkvo(x).chunk(4, dim=1)
+        if weights is not None:
+            qkvo = _pointwise(x, weights.qkvo_weight, weights.qkvo_bias)
+        else:
+            qkvo = self.qkvo(x)
+        q, k, v_map, o = qkvo.chunk(4, dim=1)
         # (B, C, H, W) -> (B, heads, N, d) with channel = head * d + j (head-major), tokens row-major.
         q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v_map))
         u = self.mixer(q, k, v, hw=(h, w), rope=rope if self.mixer.uses_rope else None)
         u = u.transpose(-1, -2).reshape(b, c, h, w)
+        if weights is not None:
+            gated = (u + F.conv2d(v_map, weights.lepe_weight, weights.lepe_bias, 1, 2, 1, c)) * o
+            return _pointwise(gated, weights.proj_weight, weights.proj_bias)
         if fused:
             gated = fused_depthwise_conv(v_map, self.lepe.weight, self.lepe.bias, add=u, gate=o, backend="triton")
         else:
@@ -252,6 +274,184 @@ class AutocastLayerNorm2d(LayerNorm2d):
     def __init__(self, num_channels: int, eps: float = 1e-6):
         super().__init__(num_channels, eps=eps)
         self._fast_norm = True
+
+    def forward(self, x: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``weight``, ``bias``: used instead of the module's own (prepared weights, :class:`BlockWeights`)."""
+        if weight is None:
+            return super().forward(x)
+        return fast_layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, weight, bias, self.eps).permute(0, 3, 1, 2)
+
+
+class BlockWeights(NamedTuple):
+    """The tensors one :class:`LinViTBlock` computes with in training, already in the compute dtype.
+
+    Built for all blocks of a stage at once by :func:`pack_stage_weights`. Depthwise weights keep their
+    parameter's shape and strides, with 1 added to the centre tap (``x + DWConv(x)`` as one conv, see
+    :class:`ResidualDepthwiseConv`); 1×1 conv weights are ``(out, in)`` matrices. ``proj`` carries the layer
+    scale γ1; ``fc2`` carries γ2 and the FFN's depthwise-conv bias, ``fc2_bias = γ2 ⊙ (b + W · dw_bias)``
+    (the folds of :class:`PointwiseConv`).
+    """
+
+    cpe_weight: torch.Tensor
+    cpe_bias: torch.Tensor
+    norm1_weight: torch.Tensor
+    norm1_bias: torch.Tensor
+    qkvo_weight: torch.Tensor
+    qkvo_bias: torch.Tensor
+    lepe_weight: torch.Tensor
+    lepe_bias: torch.Tensor
+    proj_weight: torch.Tensor
+    proj_bias: torch.Tensor
+    norm2_weight: torch.Tensor
+    norm2_bias: torch.Tensor
+    fc1_weight: torch.Tensor
+    fc1_bias: torch.Tensor
+    dw_weight: torch.Tensor
+    fc2_weight: torch.Tensor
+    fc2_bias: torch.Tensor
+
+
+# The block parameter behind each BlockWeights field, in field order, then the three that are folded into
+# others and have no field of their own.
+_PACKED_PATHS = (
+    "cpe.weight", "cpe.bias", "norm1.weight", "norm1.bias", "attn.qkvo.weight", "attn.qkvo.bias",
+    "attn.lepe.weight", "attn.lepe.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight", "norm2.bias",
+    "mlp.fc1.weight", "mlp.fc1.bias", "mlp.dwconv.weight", "mlp.fc2.weight", "mlp.fc2.bias",
+    "gamma_1", "gamma_2", "mlp.dwconv.bias",
+)
+_PACKED_GETTERS = tuple(attrgetter(path) for path in _PACKED_PATHS)
+_KIND = {name: i for i, name in enumerate(BlockWeights._fields + ("gamma_1", "gamma_2", "dw_bias"))}
+_OUT_KINDS = len(BlockWeights._fields)
+_MATRIX_KINDS = frozenset(_KIND[k] for k in ("qkvo_weight", "proj_weight", "fc1_weight", "fc2_weight"))
+_CENTRED_KINDS = (_KIND["cpe_weight"], _KIND["dw_weight"])
+# What the folds' gradients need of the un-folded parameters.
+_FOLD_KINDS = tuple(_KIND[k] for k in ("proj_weight", "proj_bias", "fc2_weight", "fc2_bias", "gamma_1",
+                                       "gamma_2", "dw_bias"))
+
+
+def _kind_views(flat: torch.Tensor, params: Sequence[torch.Tensor], nb: int,
+                kinds: Sequence[int]) -> Dict[int, torch.Tensor]:
+    """Views of a kind-major flat buffer (``params`` concatenated) as one batched tensor per kind:
+    ``(nb, out, in)`` for 1×1 conv weights, ``(nb, C, 1, k, k)`` for depthwise weights, ``(nb, C)`` else."""
+    views, offset = {}, 0
+    for kind in kinds:
+        p = params[kind * nb]
+        size = nb * p.numel()
+        v = flat[offset:offset + size]
+        if kind in _MATRIX_KINDS:
+            v = v.view(nb, p.shape[0], p.shape[1])
+        elif kind in _CENTRED_KINDS or kind == _KIND["lepe_weight"]:
+            v = v.view(nb, *p.shape)
+        else:
+            v = v.view(nb, p.numel())
+        views[kind] = v
+        offset += size
+    return views
+
+
+def _like_param(buffer: torch.Tensor, p: torch.Tensor, offset: int) -> torch.Tensor:
+    """``p.numel()`` elements of a flat buffer from ``offset``, viewed with p's shape and strides. p's elements
+    are in row-major order there, which is p's memory order whenever p is contiguous up to its size-1 dims
+    (conv weights in channels_last included); else the view is row-major."""
+    if p.is_contiguous():
+        return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + offset)
+    return buffer[offset:offset + p.numel()].view(p.shape)
+
+
+class _PackedStageWeights(torch.autograd.Function):
+    """All blocks' :class:`BlockWeights` of a stage in one pass, and all those parameters' gradients in one.
+
+    A training step of these models is bound by the host rather than the GPU: per block, autocast casts 16
+    parameters to the compute dtype (and casts their gradients back) and the layer-scale and bias folds add
+    a dozen small ops more, a third of a step's launches. Here a stage's parameters are concatenated kind by
+    kind (every block's ``proj.weight``, then every block's ``proj.bias``, ...), so each fold is one batched
+    op over the stage and the cast is one op; the backward is one cast and the folds' batched gradients.
+    The values are those of the per-layer ops: the same fp32 folds, one rounding to the compute dtype.
+
+    ``apply(dtype, centres, *params)``: ``params`` kind-major in ``_PACKED_PATHS`` order, ``centres`` the
+    two centre-tap buffers. Returns the blocks' BlockWeights fields, kind-major.
+    """
+
+    @staticmethod
+    def forward(ctx, dtype: torch.dtype, centres: Tuple[torch.Tensor, torch.Tensor], *params: torch.Tensor):
+        nb = len(params) // len(_PACKED_PATHS)
+        ctx.nb, ctx.dtype = nb, dtype
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*params)
+        with torch.autocast(params[0].device.type, enabled=False):
+            flat = torch.cat([p.reshape(-1) for p in params])
+            k = _kind_views(flat, params, nb, range(len(_PACKED_PATHS)))
+            for kind, centre in zip(_CENTRED_KINDS, centres):
+                k[kind].add_(centre)
+            w2, b2 = k[_KIND["fc2_weight"]], k[_KIND["fc2_bias"]]
+            b2.unsqueeze(-1).baddbmm_(w2, k[_KIND["dw_bias"]].unsqueeze(-1))   # before W2 is scaled
+            for w, b, gamma in ((k[_KIND["proj_weight"]], k[_KIND["proj_bias"]], k[_KIND["gamma_1"]]),
+                                (w2, b2, k[_KIND["gamma_2"]])):
+                w.mul_(gamma.unsqueeze(-1))
+                b.mul_(gamma)
+            n_out = sum(p.numel() for p in params[:_OUT_KINDS * nb])
+            out = flat[:n_out].to(dtype)
+        outputs, offset = [], 0
+        for i, p in enumerate(params[:_OUT_KINDS * nb]):
+            if i // nb in _MATRIX_KINDS:
+                outputs.append(out[offset:offset + p.numel()].view(p.shape[0], p.shape[1]))
+            else:
+                outputs.append(_like_param(out, p, offset))
+            offset += p.numel()
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[torch.Tensor]):
+        params, nb = ctx.saved_tensors, ctx.nb
+        n_out = _OUT_KINDS * nb
+        grad = params[0].new_empty(sum(p.numel() for p in params))
+        n = sum(p.numel() for p in params[:n_out])
+        grad[:n].copy_(torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel(), dtype=ctx.dtype)
+                                  for g, p in zip(grads, params)]))
+        g = _kind_views(grad, params, nb, range(len(_PACKED_PATHS)))
+        ref = torch.cat([params[kind * nb + j].reshape(-1) for kind in _FOLD_KINDS for j in range(nb)])
+        r = _kind_views(ref, params, nb, _FOLD_KINDS)
+        # proj: W' = γ1 W, b' = γ1 b.
+        gamma1 = r[_KIND["gamma_1"]]
+        _rowdot_add(g[_KIND["proj_weight"]], r[_KIND["proj_weight"]], g[_KIND["proj_bias"]], r[_KIND["proj_bias"]],
+                    out=g[_KIND["gamma_1"]])
+        g[_KIND["proj_weight"]].mul_(gamma1.unsqueeze(-1))
+        g[_KIND["proj_bias"]].mul_(gamma1)
+        # fc2: W' = γ2 W, b' = γ2 (b + W d), d the depthwise conv's bias.
+        gamma2, w2, d = r[_KIND["gamma_2"]], r[_KIND["fc2_weight"]], r[_KIND["dw_bias"]]
+        u = torch.baddbmm(r[_KIND["fc2_bias"]].unsqueeze(-1), w2, d.unsqueeze(-1)).squeeze(-1)
+        gw2, gb2 = g[_KIND["fc2_weight"]], g[_KIND["fc2_bias"]]
+        _rowdot_add(gw2, w2, gb2, u, out=g[_KIND["gamma_2"]])
+        gb2.mul_(gamma2)                                   # now the gradient of b (and of u)
+        gw2.mul_(gamma2.unsqueeze(-1)).baddbmm_(gb2.unsqueeze(-1), d.unsqueeze(-2))
+        torch.bmm(gb2.unsqueeze(-2), w2, out=g[_KIND["dw_bias"]].unsqueeze(-2))
+        offsets, offset = [], 0
+        for p in params:
+            offsets.append(offset)
+            offset += p.numel()
+        return (None, None) + tuple(_like_param(grad, p, o) for p, o in zip(params, offsets))
+
+
+def _rowdot_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = Σ_i a[..., i] b[..., i] + c ⊙ d`` for ``(nb, O, I)`` a, b and ``(nb, O)`` c, d, out."""
+    nb, o, i = a.shape
+    dot = torch.bmm(a.reshape(nb * o, 1, i), b.reshape(nb * o, i, 1)).view(nb, o)
+    torch.addcmul(dot, c, d, out=out)
+
+
+_PLAIN_TENSOR_TYPES = (nn.Parameter, torch.Tensor)
+
+
+def pack_stage_weights(blocks: Sequence["LinViTBlock"], dtype: torch.dtype) -> List[BlockWeights]:
+    """Every block's :class:`BlockWeights` in ``dtype``, from one :class:`_PackedStageWeights` pass (training).
+
+    The blocks must have one shape (those of one stage)."""
+    params = [get(block) for get in _PACKED_GETTERS for block in blocks]
+    first = blocks[0]
+    fields = _PackedStageWeights.apply(dtype, (first.cpe.centre, first.mlp.dwconv.centre), *params)
+    nb = len(blocks)
+    return [BlockWeights(*fields[j::nb]) for j in range(nb)]
 
 
 class LinViTBlock(nn.Module):
@@ -281,7 +481,15 @@ class LinViTBlock(nn.Module):
         self.gamma_2 = nn.Parameter(torch.full((1, dim, 1, 1), float(layer_scale_init)))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, rope: RopeGrid) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeGrid, weights: Optional[BlockWeights] = None) -> torch.Tensor:
+        """``weights``: this block's prepared weights (training, :func:`pack_stage_weights`), or None: the
+        layers' own parameters."""
+        if weights is not None:
+            x = F.conv2d(x, weights.cpe_weight, weights.cpe_bias, 1, 1, 1, x.shape[1])    # x + CPE(x)
+            h = self.norm1(x, weights.norm1_weight, weights.norm1_bias)
+            x = x + self.drop_path(self.attn(h, rope, weights=weights))
+            h = self.norm2(x, weights.norm2_weight, weights.norm2_bias)
+            return x + self.drop_path(self.mlp(h, weights=weights))
         # The layer scales γ are folded into the last linear map of each branch (PointwiseConv), so the
         # residual adds are plain adds of two tensors of one layout and dtype: under autocast the
         # stream stays in the autocast dtype rather than being promoted to fp32 by an fp32 γ.
@@ -309,7 +517,13 @@ class LinViTBlock(nn.Module):
 
 
 class LinViTStage(nn.Module):
-    """Optional downsample, then blocks sharing one RoPE ``angle`` buffer built from the stage grid."""
+    """Optional downsample, then blocks sharing one RoPE ``angle`` buffer built from the stage grid.
+
+    ``pack_weights`` (default True): in training the blocks compute with weights prepared for the whole
+    stage at once (:func:`pack_stage_weights`), False: each layer casts and folds its own (the reference).
+    """
+
+    pack_weights = True
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, attn: str, downsample: bool,
                  mlp_ratio: float, layer_scale_init: float, drop_path: Sequence[float],
@@ -326,12 +540,29 @@ class LinViTStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
         rope = self.rope(x.shape[-2], x.shape[-1])
-        for blk in self.blocks:
+        weights = self._packed_weights(x)
+        for j, blk in enumerate(self.blocks):
+            w = weights[j] if weights is not None else None
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = torch.utils.checkpoint.checkpoint(blk, x, rope, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(blk, x, rope, w, use_reentrant=False)
             else:
-                x = blk(x, rope)
+                x = blk(x, rope, w)
         return x
+
+    def _packed_weights(self, x: torch.Tensor) -> Optional[List[BlockWeights]]:
+        """The blocks' weights prepared in one pass (:func:`pack_stage_weights`) when autograd records
+        (training) and ``pack_weights`` is on; None (each layer uses its own parameters) under
+        ``torch.compile``, which fuses the per-layer ops itself, and where nothing is recorded (inference
+        keeps its folded weights cached, see :class:`PointwiseConv`); also None for parameters that are not
+        plain tensors (FSDP2 shards each block, and a block's parameters are only whole inside its forward)."""
+        if not self.pack_weights or not self.blocks or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        if any(type(blk.cpe.weight) not in _PLAIN_TENSOR_TYPES for blk in self.blocks):
+            return None
+        kind = x.device.type
+        param = self.blocks[0].cpe.weight
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+        return pack_stage_weights(self.blocks, dtype)
 
 
 class LinViT(nn.Module):

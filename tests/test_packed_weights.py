@@ -1,0 +1,139 @@
+"""LinViT's training path with stage-packed weights (``pack_stage_weights``) against the per-layer path.
+
+Packing changes how the blocks' weights are cast and folded, never the function: outputs and every
+parameter's gradient must equal those of the per-layer ops (``LinViTStage.pack_weights = False``), in fp32
+and under bf16 autocast, with the parameters' own strides (DDP copies a gradient whose strides differ).
+"""
+import pytest
+import timm
+import torch
+
+import linvision  # noqa: F401
+from linvision.backbones.linvit import BlockWeights, LinViTStage, pack_stage_weights
+
+NARROW = dict(depths=(2, 1, 3, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), projection=64)
+
+
+@pytest.fixture
+def per_layer():
+    """Run a block of code with packing off; always restores the class default."""
+    def run(fn):
+        LinViTStage.pack_weights = False
+        try:
+            return fn()
+        finally:
+            LinViTStage.pack_weights = True
+    return run
+
+
+def _model(name="linvit_t", **kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5, drop_path_rate=0.0, **dict(NARROW, **kwargs))
+    with torch.no_grad():   # layer scales, biases and LN affines away from their init values
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.train()
+
+
+def _step(model, amp=False, checkpointing=False):
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 3, 40, 56, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = model(x)
+    y.float().square().sum().backward()
+    return y.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_grads_close(ref, got, rtol):
+    assert ref.keys() == got.keys()
+    scale = max(g.abs().max() for g in ref.values())
+    for name in ref:
+        # Relative to the largest gradient: the biases in front of a BatchNorm have near-zero gradients.
+        err = (ref[name] - got[name]).abs().max() / scale
+        assert err < rtol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["linvit_t", "mavit_t", "linvit_t_focused"])
+def test_packed_training_step_equals_per_layer_fp32(name, per_layer):
+    model = _model(name)
+    y0, g0 = per_layer(lambda: _step(model))
+    y1, g1 = _step(model)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(g0, g1, rtol=1e-5)
+
+
+def test_packed_training_step_equals_per_layer_bf16_autocast(per_layer):
+    model = _model()
+    y0, g0 = per_layer(lambda: _step(model, amp=True))
+    y1, g1 = _step(model, amp=True)
+    # The same casts and folds: equal up to the order of fp32 operations in the fold gradients.
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    _assert_grads_close(g0, g1, rtol=1e-5)
+
+
+def test_packed_with_grad_checkpointing(per_layer):
+    model = _model()
+    y0, g0 = per_layer(lambda: _step(model, checkpointing=True))
+    y1, g1 = _step(model, checkpointing=True)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(g0, g1, rtol=1e-5)
+
+
+def test_packed_gradients_have_the_parameters_strides():
+    model = _model()
+    _step(model)
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
+def test_packed_weights_are_in_the_compute_dtype_with_the_folds_applied():
+    model = _model()
+    stage = model.stages[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights = pack_stage_weights(stage.blocks, torch.bfloat16)
+    assert len(weights) == len(stage.blocks) and all(isinstance(w, BlockWeights) for w in weights)
+    blk, w = stage.blocks[1], weights[1]
+    assert all(t.dtype == torch.bfloat16 for t in w)
+    gamma1, gamma2 = blk.gamma_1.reshape(-1, 1), blk.gamma_2.reshape(-1)
+    proj = blk.attn.proj.weight.reshape(blk.attn.proj.weight.shape[:2])
+    fc2 = blk.mlp.fc2.weight.reshape(blk.mlp.fc2.weight.shape[:2])
+    expected = {
+        "proj_weight": proj * gamma1,
+        "proj_bias": blk.attn.proj.bias * gamma1[:, 0],
+        "fc2_weight": fc2 * gamma2[:, None],
+        "fc2_bias": (blk.mlp.fc2.bias + fc2 @ blk.mlp.dwconv.bias) * gamma2,
+        "cpe_weight": blk.cpe.weight + blk.cpe.centre,
+        "dw_weight": blk.mlp.dwconv.weight + blk.mlp.dwconv.centre,
+        "norm2_weight": blk.norm2.weight,
+    }
+    for field, value in expected.items():
+        torch.testing.assert_close(getattr(w, field), value.detach().to(torch.bfloat16), rtol=0, atol=0,
+                                   msg=field)
+    assert w.cpe_weight.stride() == blk.cpe.weight.stride()
+
+
+def test_frozen_parameters_get_no_gradient():
+    model = _model()
+    for p in model.stages[1].parameters():
+        p.requires_grad_(False)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.stages[1].parameters())
+    assert all(p.grad is not None for p in model.stages[2].parameters())
+
+
+def test_only_training_packs(monkeypatch):
+    model = _model().eval()
+    calls = []
+    original = LinViTStage._packed_weights
+
+    def spy(self, x):
+        out = original(self, x)
+        calls.append(out is not None)
+        return out
+    monkeypatch.setattr(LinViTStage, "_packed_weights", spy)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    model.train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert calls == [False] * 4 + [True] * 4
