@@ -25,6 +25,7 @@ Official checkpoints (``{'model': ...}``, ``{'model_ema': ...}``, ``{'state_dict
 """
 from __future__ import annotations
 
+import math
 import re
 from operator import attrgetter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -320,43 +321,101 @@ _PACKED_PATHS = (
     "mlp.fc1.weight", "mlp.fc1.bias", "mlp.dwconv.weight", "mlp.fc2.weight", "mlp.fc2.bias",
     "gamma_1", "gamma_2", "mlp.dwconv.bias",
 )
-_PACKED_GETTERS = tuple(attrgetter(path) for path in _PACKED_PATHS)
 _KIND = {name: i for i, name in enumerate(BlockWeights._fields + ("gamma_1", "gamma_2", "dw_bias"))}
 _OUT_KINDS = len(BlockWeights._fields)
 _MATRIX_KINDS = frozenset(_KIND[k] for k in ("qkvo_weight", "proj_weight", "fc1_weight", "fc2_weight"))
+_CONV_KINDS = frozenset(_KIND[k] for k in ("cpe_weight", "lepe_weight", "dw_weight"))
 _CENTRED_KINDS = (_KIND["cpe_weight"], _KIND["dw_weight"])
 # What the folds' gradients need of the un-folded parameters.
 _FOLD_KINDS = tuple(_KIND[k] for k in ("proj_weight", "proj_bias", "fc2_weight", "fc2_bias", "gamma_1",
                                        "gamma_2", "dw_bias"))
 
 
-def _kind_views(flat: torch.Tensor, params: Sequence[torch.Tensor], nb: int,
-                kinds: Sequence[int]) -> Dict[int, torch.Tensor]:
-    """Views of a kind-major flat buffer (``params`` concatenated) as one batched tensor per kind:
-    ``(nb, out, in)`` for 1×1 conv weights, ``(nb, C, 1, k, k)`` for depthwise weights, ``(nb, C)`` else."""
-    views, offset = {}, 0
-    for kind in kinds:
-        p = params[kind * nb]
-        size = nb * p.numel()
-        v = flat[offset:offset + size]
+def _param_getter(path: str):
+    """``block -> parameter`` through the modules' dicts (``nn.Module.__getattr__`` is slow and a stage reads
+    20 parameters per block on every training step); ``getattr`` where a wrapper keeps it elsewhere."""
+    *modules, name = path.split(".")
+    slow = attrgetter(path)
+
+    def get(block: nn.Module) -> torch.Tensor:
+        try:
+            for part in modules:
+                block = block._modules[part]
+            return block._parameters[name]
+        except KeyError:
+            return slow(block)
+    return get
+
+
+_PACKED_GETTERS = tuple(_param_getter(path) for path in _PACKED_PATHS)
+
+
+def _contiguous_strides(shape: Tuple[int, ...]) -> Tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+class _PackLayout:
+    """Where each parameter sits in a stage's kind-major flat buffer, and the views taken of it (host work
+    done once per stage shape; see :func:`_pack_layout`).
+
+    ``specs[i]``: ``(shape, strides, offset)`` of parameter i (kind-major) in the flat buffer; the elements are
+    in row-major order, which is the parameter's memory order when it is contiguous up to its size-1 dims
+    (conv weights in channels_last included), so its own strides apply (else row-major ones). ``out_specs``:
+    the same for the BlockWeights fields (1×1 conv weights as ``(out, in)`` matrices). ``kinds[k]``: the
+    ``(offset, batched shape)`` of kind k: ``(nb, out, in)`` matrices, ``(nb, C, 1, k, k)`` depthwise kernels,
+    ``(nb, numel)`` else; ``fold_kinds``: the same in the buffer of the ``_FOLD_KINDS`` parameters only.
+    """
+
+    def __init__(self, first: Sequence[torch.Tensor], nb: int):
+        self.nb = nb
+        self.specs, self.out_specs, self.kinds, offset = [], [], {}, 0
+        for kind, p in enumerate(first):
+            strides = tuple(p.stride()) if p.is_contiguous() else _contiguous_strides(tuple(p.shape))
+            self.kinds[kind] = (offset, self._batched(kind, p, nb))
+            for _ in range(nb):
+                self.specs.append((tuple(p.shape), strides, offset))
+                if kind in _MATRIX_KINDS:
+                    self.out_specs.append(((p.shape[0], p.shape[1]), (p.shape[1], 1), offset))
+                elif kind < _OUT_KINDS:
+                    self.out_specs.append((tuple(p.shape), strides, offset))
+                offset += p.numel()
+            if kind == _OUT_KINDS - 1:
+                self.n_out = offset
+        self.total = offset
+        self.fold_kinds, offset = {}, 0
+        for kind in _FOLD_KINDS:
+            self.fold_kinds[kind] = (offset, self._batched(kind, first[kind], nb))
+            offset += nb * first[kind].numel()
+
+    @staticmethod
+    def _batched(kind: int, p: torch.Tensor, nb: int) -> Tuple[int, ...]:
         if kind in _MATRIX_KINDS:
-            v = v.view(nb, p.shape[0], p.shape[1])
-        elif kind in _CENTRED_KINDS or kind == _KIND["lepe_weight"]:
-            v = v.view(nb, *p.shape)
-        else:
-            v = v.view(nb, p.numel())
-        views[kind] = v
-        offset += size
-    return views
+            return (nb, p.shape[0], p.shape[1])
+        if kind in _CONV_KINDS:
+            return (nb, *p.shape)
+        return (nb, p.numel())
+
+    @staticmethod
+    def views(flat: torch.Tensor, kinds: Dict[int, Tuple[int, Tuple[int, ...]]]) -> Dict[int, torch.Tensor]:
+        """One batched view of ``flat`` per kind."""
+        return {kind: flat[offset:offset + math.prod(shape)].view(shape) for kind, (offset, shape) in kinds.items()}
 
 
-def _like_param(buffer: torch.Tensor, p: torch.Tensor, offset: int) -> torch.Tensor:
-    """``p.numel()`` elements of a flat buffer from ``offset``, viewed with p's shape and strides. p's elements
-    are in row-major order there, which is p's memory order whenever p is contiguous up to its size-1 dims
-    (conv weights in channels_last included); else the view is row-major."""
-    if p.is_contiguous():
-        return buffer.as_strided(p.shape, p.stride(), buffer.storage_offset() + offset)
-    return buffer[offset:offset + p.numel()].view(p.shape)
+_LAYOUTS: Dict[Tuple, _PackLayout] = {}
+
+
+def _pack_layout(first: Sequence[torch.Tensor], nb: int) -> _PackLayout:
+    """The layout of a stage of ``nb`` blocks whose first block has the parameters ``first`` (one per kind),
+    kept per shapes and strides."""
+    key = (nb, tuple((tuple(p.shape), tuple(p.stride())) for p in first))
+    layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = _LAYOUTS[key] = _PackLayout(first, nb)
+    return layout
 
 
 class _PackedStageWeights(torch.autograd.Function):
@@ -369,19 +428,19 @@ class _PackedStageWeights(torch.autograd.Function):
     op over the stage and the cast is one op; the backward is one cast and the folds' batched gradients.
     The values are those of the per-layer ops: the same fp32 folds, one rounding to the compute dtype.
 
-    ``apply(dtype, centres, *params)``: ``params`` kind-major in ``_PACKED_PATHS`` order, ``centres`` the
-    two centre-tap buffers. Returns the blocks' BlockWeights fields, kind-major.
+    ``apply(layout, dtype, centres, *params)``: ``params`` kind-major in ``_PACKED_PATHS`` order, ``centres``
+    the two centre-tap buffers. Returns the blocks' BlockWeights fields, kind-major.
     """
 
     @staticmethod
-    def forward(ctx, dtype: torch.dtype, centres: Tuple[torch.Tensor, torch.Tensor], *params: torch.Tensor):
-        nb = len(params) // len(_PACKED_PATHS)
-        ctx.nb, ctx.dtype = nb, dtype
+    def forward(ctx, layout: _PackLayout, dtype: torch.dtype, centres: Tuple[torch.Tensor, torch.Tensor],
+                *params: torch.Tensor):
+        ctx.layout, ctx.dtype = layout, dtype
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(*params)
         with torch.autocast(params[0].device.type, enabled=False):
             flat = torch.cat([p.reshape(-1) for p in params])
-            k = _kind_views(flat, params, nb, range(len(_PACKED_PATHS)))
+            k = layout.views(flat, layout.kinds)
             for kind, centre in zip(_CENTRED_KINDS, centres):
                 k[kind].add_(centre)
             w2, b2 = k[_KIND["fc2_weight"]], k[_KIND["fc2_bias"]]
@@ -390,28 +449,20 @@ class _PackedStageWeights(torch.autograd.Function):
                                 (w2, b2, k[_KIND["gamma_2"]])):
                 w.mul_(gamma.unsqueeze(-1))
                 b.mul_(gamma)
-            n_out = sum(p.numel() for p in params[:_OUT_KINDS * nb])
-            out = flat[:n_out].to(dtype)
-        outputs, offset = [], 0
-        for i, p in enumerate(params[:_OUT_KINDS * nb]):
-            if i // nb in _MATRIX_KINDS:
-                outputs.append(out[offset:offset + p.numel()].view(p.shape[0], p.shape[1]))
-            else:
-                outputs.append(_like_param(out, p, offset))
-            offset += p.numel()
-        return tuple(outputs)
+            out = flat[:layout.n_out].to(dtype)
+        return tuple(out.as_strided(shape, strides, offset) for shape, strides, offset in layout.out_specs)
 
     @staticmethod
     def backward(ctx, *grads: Optional[torch.Tensor]):
-        params, nb = ctx.saved_tensors, ctx.nb
-        n_out = _OUT_KINDS * nb
-        grad = params[0].new_empty(sum(p.numel() for p in params))
-        n = sum(p.numel() for p in params[:n_out])
-        grad[:n].copy_(torch.cat([g.reshape(-1) if g is not None else p.new_zeros(p.numel(), dtype=ctx.dtype)
-                                  for g, p in zip(grads, params)]))
-        g = _kind_views(grad, params, nb, range(len(_PACKED_PATHS)))
+        params, layout = ctx.saved_tensors, ctx.layout
+        grad = params[0].new_empty(layout.total)
+        grad[:layout.n_out].copy_(torch.cat([
+            g.reshape(-1) if g is not None else p.new_zeros(p.numel(), dtype=ctx.dtype)
+            for g, p in zip(grads, params)]))
+        g = layout.views(grad, layout.kinds)
+        nb = layout.nb
         ref = torch.cat([params[kind * nb + j].reshape(-1) for kind in _FOLD_KINDS for j in range(nb)])
-        r = _kind_views(ref, params, nb, _FOLD_KINDS)
+        r = layout.views(ref, layout.fold_kinds)
         # proj: W' = γ1 W, b' = γ1 b.
         gamma1 = r[_KIND["gamma_1"]]
         _rowdot_add(g[_KIND["proj_weight"]], r[_KIND["proj_weight"]], g[_KIND["proj_bias"]], r[_KIND["proj_bias"]],
@@ -426,11 +477,8 @@ class _PackedStageWeights(torch.autograd.Function):
         gb2.mul_(gamma2)                                   # now the gradient of b (and of u)
         gw2.mul_(gamma2.unsqueeze(-1)).baddbmm_(gb2.unsqueeze(-1), d.unsqueeze(-2))
         torch.bmm(gb2.unsqueeze(-2), w2, out=g[_KIND["dw_bias"]].unsqueeze(-2))
-        offsets, offset = [], 0
-        for p in params:
-            offsets.append(offset)
-            offset += p.numel()
-        return (None, None) + tuple(_like_param(grad, p, o) for p, o in zip(params, offsets))
+        return (None, None, None) + tuple(grad.as_strided(shape, strides, offset)
+                                          for shape, strides, offset in layout.specs)
 
 
 def _rowdot_add(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, out: torch.Tensor) -> None:
@@ -447,10 +495,11 @@ def pack_stage_weights(blocks: Sequence["LinViTBlock"], dtype: torch.dtype) -> L
     """Every block's :class:`BlockWeights` in ``dtype``, from one :class:`_PackedStageWeights` pass (training).
 
     The blocks must have one shape (those of one stage)."""
-    params = [get(block) for get in _PACKED_GETTERS for block in blocks]
-    first = blocks[0]
-    fields = _PackedStageWeights.apply(dtype, (first.cpe.centre, first.mlp.dwconv.centre), *params)
     nb = len(blocks)
+    params = [get(block) for get in _PACKED_GETTERS for block in blocks]
+    layout = _pack_layout(params[::nb], nb)
+    first = blocks[0]
+    fields = _PackedStageWeights.apply(layout, dtype, (first.cpe.centre, first.mlp.dwconv.centre), *params)
     return [BlockWeights(*fields[j::nb]) for j in range(nb)]
 
 
