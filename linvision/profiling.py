@@ -21,7 +21,8 @@ __all__ = ["kernel_family", "profile_model", "FAMILIES"]
 # linear-attention kernels and cuDNN's depthwise kernels before the generic conv/gemm patterns.
 FAMILIES: Tuple[Tuple[str, str], ...] = (
     ("linear_attention", r"_state_kernel|_output_kernel|_bwd_|backward_q|backward_kv|linear_attn"),
-    ("depthwise_conv", r"depthwise|dwconv|conv_depthwise|dgrad2d_grouped|grouped"),
+    # cuDNN names its depthwise kernels after one channel per group in and out: conv2d_c1_k1_nhwc, ...
+    ("depthwise_conv", r"depthwise|dwconv|conv_depthwise|dgrad2d_grouped|grouped|c1_k1"),
     ("matmul_or_conv", r"gemm|sm90_xmma|cutlass|nvjet|conv|implicit|wgrad|dgrad|fprop|winograd|cudnn"),
     ("softmax_attention", r"flash|fmha|attention|softmax"),
     ("norm", r"layer_norm|layernorm|batch_norm|batchnorm|bn_fw|bn_bw|welford|rms_norm|group_norm"),

@@ -1,6 +1,7 @@
 """The whole-model benchmark (``linvision/benchmark.py``, ``tools/benchmark.py``) on CPU at tiny sizes:
 the JSON-line schema, both modes, the reference ratios, cold-start lines, out-of-memory and failing cases
-recorded while the sweep goes on, the plot. Timings are printed, never asserted."""
+recorded while the sweep goes on, the plot, and the profiler's kernel families. Timings are printed,
+never asserted."""
 import dataclasses
 import importlib.util
 import json
@@ -180,3 +181,18 @@ def test_command_line_prints_one_json_line_per_case(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main([REF, "--batch-size", "224:4", "8", "--device", "cpu"])
     assert exit_info.value.code == 2 and "not a mix" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,family", [
+    ("dgrad2d_c1_k1_nhwc_specialized", "depthwise_conv"),
+    ("wgrad2d_c1_k1_nhwc", "depthwise_conv"),
+    ("conv2d_c1_k1_nhwc_specialized", "depthwise_conv"),
+    ("_bwd_q_kernel", "linear_attention"),
+    ("nvjet_sm90_tst_64x512_64x2_1x2_h_bz_coopB_NNT", "matmul_or_conv"),
+    ("void at::native::vectorized_layer_norm_kernel<c10::BFloat16, float, false>", "norm"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::GeluCUDAKernelImpl", "activation"),
+    ("something_unknown", "other"),
+])
+def test_profile_kernel_families(name, family):
+    from linvision.profiling import kernel_family
+    assert kernel_family(name) == family

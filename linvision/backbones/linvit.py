@@ -510,7 +510,9 @@ class LinViTBlock(nn.Module):
     (:func:`linvision.ops.fused_depthwise_conv`): CPE + residual + bias + LayerNorm, LePE + bias + add +
     gate, and the attention branch's residual add + LayerNorm are one Triton pass each, in place of eight
     PyTorch ops. The same function; outputs differ by the rounding of the skipped intermediate results.
-    ``fused_backend`` (set by :class:`LinViT`) chooses when, see :meth:`_use_fused`.
+    ``fused_backend`` (set by :class:`LinViT`) chooses when, see :meth:`_use_fused`. In training the stage
+    passes prepared weights (:class:`BlockWeights`, :func:`pack_stage_weights`) and the layers' parameters
+    are not read here.
     """
 
     fused_backend = "auto"
