@@ -453,6 +453,7 @@ class _PackedStageWeights(torch.autograd.Function):
         return tuple(out.as_strided(shape, strides, offset) for shape, strides, offset in layout.out_specs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Optional[torch.Tensor]):
         params, layout = ctx.saved_tensors, ctx.layout
         grad = params[0].new_empty(layout.total)
