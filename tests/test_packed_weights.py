@@ -1,7 +1,7 @@
 """LinViT's training path with stage-packed weights (``pack_stage_weights``) against the per-layer path.
 
 Packing changes how the blocks' weights are cast and folded, never the function: outputs and every
-parameter's gradient must equal those of the per-layer ops (``LinViTStage.pack_weights = False``), in fp32
+parameter's gradient must equal those of the per-layer ops (``pack_weights=False``), in fp32
 and under bf16 autocast, with the parameters' own strides (DDP copies a gradient whose strides differ).
 """
 import pytest
@@ -14,16 +14,15 @@ from linvision.backbones.linvit import BlockWeights, LinViTStage, pack_stage_wei
 NARROW = dict(depths=(2, 1, 3, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4), projection=64)
 
 
-@pytest.fixture
-def per_layer():
-    """Run a block of code with packing off; always restores the class default."""
-    def run(fn):
-        LinViTStage.pack_weights = False
-        try:
-            return fn()
-        finally:
-            LinViTStage.pack_weights = True
-    return run
+def per_layer(model, fn):
+    """``fn()`` with ``model``'s stages on the per-layer path; packing back on afterwards."""
+    for stage in model.stages:
+        stage.pack_weights = False
+    try:
+        return fn()
+    finally:
+        for stage in model.stages:
+            stage.pack_weights = True
 
 
 def _model(name="linvit_t", **kwargs):
@@ -55,26 +54,26 @@ def _assert_grads_close(ref, got, rtol):
 
 
 @pytest.mark.parametrize("name", ["linvit_t", "mavit_t", "linvit_t_focused"])
-def test_packed_training_step_equals_per_layer_fp32(name, per_layer):
+def test_packed_training_step_equals_per_layer_fp32(name):
     model = _model(name)
-    y0, g0 = per_layer(lambda: _step(model))
+    y0, g0 = per_layer(model, lambda: _step(model))
     y1, g1 = _step(model)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     _assert_grads_close(g0, g1, rtol=1e-5)
 
 
-def test_packed_training_step_equals_per_layer_bf16_autocast(per_layer):
+def test_packed_training_step_equals_per_layer_bf16_autocast():
     model = _model()
-    y0, g0 = per_layer(lambda: _step(model, amp=True))
+    y0, g0 = per_layer(model, lambda: _step(model, amp=True))
     y1, g1 = _step(model, amp=True)
     # The same casts and folds: equal up to the order of fp32 operations in the fold gradients.
     torch.testing.assert_close(y1, y0, rtol=0, atol=0)
     _assert_grads_close(g0, g1, rtol=1e-5)
 
 
-def test_packed_with_grad_checkpointing(per_layer):
+def test_packed_with_grad_checkpointing():
     model = _model()
-    y0, g0 = per_layer(lambda: _step(model, checkpointing=True))
+    y0, g0 = per_layer(model, lambda: _step(model, checkpointing=True))
     y1, g1 = _step(model, checkpointing=True)
     torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
     _assert_grads_close(g0, g1, rtol=1e-5)
@@ -120,6 +119,15 @@ def test_frozen_parameters_get_no_gradient():
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert all(p.grad is None for p in model.stages[1].parameters())
     assert all(p.grad is not None for p in model.stages[2].parameters())
+
+
+def test_pack_weights_model_argument():
+    packed, plain = _model(), _model(pack_weights=False)
+    assert all(s.pack_weights for s in packed.stages) and not any(s.pack_weights for s in plain.stages)
+    y0, g0 = _step(plain)
+    y1, g1 = _step(packed)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    _assert_grads_close(g0, g1, rtol=1e-5)
 
 
 def test_only_training_packs(monkeypatch):

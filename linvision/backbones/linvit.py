@@ -633,6 +633,8 @@ class LinViT(nn.Module):
         fused_backend: where inference runs the blocks' fused depthwise-conv kernels: ``"auto"`` (CUDA
             tensors), ``"torch"`` (never: plain PyTorch ops, e.g. to compare), ``"triton"`` (any tensor the
             kernel takes; CPU under ``TRITON_INTERPRET=1``). Training always runs PyTorch ops.
+        pack_weights: in training, prepare each stage's block weights in one op (:func:`pack_stage_weights`;
+            default) or, False, let every layer cast and fold its own (the same values; e.g. to compare).
     """
 
     def __init__(
@@ -652,6 +654,7 @@ class LinViT(nn.Module):
             drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
             fused_backend: str = "auto",
+            pack_weights: bool = True,
     ):
         super().__init__()
         if fused_backend not in FUSED_BACKENDS:
@@ -690,6 +693,8 @@ class LinViT(nn.Module):
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}"))
         self.stages = nn.Sequential(*stages)
+        for stage in stages:
+            stage.pack_weights = bool(pack_weights)
         for block in self.modules():
             if isinstance(block, LinViTBlock):
                 block.fused_backend = fused_backend
