@@ -3,7 +3,10 @@
 Packing changes how the blocks' weights are cast and folded, never the function: outputs and every
 parameter's gradient must equal those of the per-layer ops (``pack_weights=False``), in fp32
 and under bf16 autocast, with the parameters' own strides (DDP copies a gradient whose strides differ).
+Outside training a block keeps its own weights between calls; any parameter change must rebuild them.
 """
+import copy
+
 import pytest
 import timm
 import torch
@@ -145,3 +148,39 @@ def test_only_training_packs(monkeypatch):
     model.train()
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert calls == [False] * 4 + [True] * 4
+
+
+def test_block_inference_weights_follow_parameter_changes():
+    """Outside training a block keeps its BlockWeights between calls; an in-place change of any parameter
+    (optimizer step, load_state_dict) must rebuild them, and a grad-recording call never uses them."""
+    model = _model().eval()
+    block, stage = model.stages[1].blocks[0], model.stages[1]
+    x = torch.randn(1, 3, 32, 32)
+    reference = copy.deepcopy(model)
+    assert "_inference_weights" not in reference.stages[1].blocks[0].__dict__
+    with torch.no_grad():
+        model(x)
+        first = block.__dict__["_inference_weights"][1]
+        assert block.block_weights(stage.downsample(model.stem(x))) is first   # kept
+        for p in (block.gamma_1, block.mlp.dwconv.bias, block.attn.qkvo.weight, block.norm2.bias):
+            p.mul_(1.5)
+            reference.load_state_dict(model.state_dict())
+            _clear_cached_weights(reference)
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+    assert model(x).requires_grad   # with grad: the per-layer ops, differentiable
+
+
+def test_block_inference_weights_in_the_autocast_dtype():
+    model = _model().eval()
+    block = model.stages[0].blocks[0]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 3, 32, 32))
+    assert all(t.dtype == torch.bfloat16 for t in block.__dict__["_inference_weights"][1])
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32))
+    assert all(t.dtype == torch.float32 for t in block.__dict__["_inference_weights"][1])
+
+
+def _clear_cached_weights(model):
+    for module in model.modules():
+        module.__dict__.pop("_inference_weights", None)

@@ -132,9 +132,12 @@ class ResidualDepthwiseConv(nn.Conv2d):
         centre[:, :, kernel_size // 2, kernel_size // 2] = 1.0
         self.register_buffer("centre", centre, persistent=False)
 
-    def forward(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
-        """``with_bias=False`` leaves the bias out (a caller folds it into the next linear map)."""
-        return self._conv_forward(x, _AddCentreTap.apply(self.weight, self.centre), self.bias if with_bias else None)
+    def centred_weight(self) -> torch.Tensor:
+        """The kernel with 1 added to its centre tap (its gradient in the weight's strides)."""
+        return _AddCentreTap.apply(self.weight, self.centre)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.centred_weight(), self.bias)
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -209,18 +212,14 @@ class ConvFfn(nn.Module):
         self.dwconv = ResidualDepthwiseConv(hidden_dim, 3)
         self.fc2 = PointwiseConv(hidden_dim, dim)
 
-    def forward(self, x: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                weights: Optional["BlockWeights"] = None) -> torch.Tensor:
-        """``scale``: the block's layer scale, applied to the output (folded into ``fc2``). ``weights``: the
-        block's prepared weights (training, see :class:`BlockWeights`), used instead of the layers' own."""
-        if weights is not None:
-            h = self.act(_pointwise(x, weights.fc1_weight, weights.fc1_bias))
-            h = F.conv2d(h, weights.dw_weight, None, 1, 1, 1, h.shape[1])
-            return _pointwise(h, weights.fc2_weight, weights.fc2_bias)
+    def forward(self, x: torch.Tensor, weights: "BlockWeights") -> torch.Tensor:
+        """``weights``: the block's weights (:class:`BlockWeights`: ``fc2`` carries the layer scale and the
+        depthwise conv's bias)."""
         # GELU stays a separate pass: fused into the depthwise kernel it is evaluated once per tap (9×), and
         # that kernel measured 3–4× slower than GELU + cuDNN's depthwise conv on an H100.
-        h = self.dwconv(self.act(self.fc1(x)), with_bias=False)
-        return self.fc2(h, scale=scale, input_bias=self.dwconv.bias)
+        h = self.act(_pointwise(x, weights.fc1_weight, weights.fc1_bias))
+        h = F.conv2d(h, weights.dw_weight, None, 1, 1, 1, h.shape[1])       # h + DWConv(h), bias in fc2
+        return _pointwise(h, weights.fc2_weight, weights.fc2_bias)
 
 
 class GatedAttention(nn.Module):
@@ -242,30 +241,20 @@ class GatedAttention(nn.Module):
         self.mixer = create_mixer(attn, dim, num_heads, **(attn_kwargs or {}))
         self.proj = PointwiseConv(dim, dim)
 
-    def forward(self, x: torch.Tensor, rope: RopeGrid, scale: Optional[torch.Tensor] = None,
-                fused: bool = False, weights: Optional["BlockWeights"] = None) -> torch.Tensor:
-        """``scale``: the block's layer scale, applied to the output (folded into ``proj``). ``fused``: LePE,
-        its bias, the add and the gate in one Triton pass (inference only, see :class:`LinViTBlock`).
-        ``weights``: the block's prepared weights (training, see :class:`BlockWeights`), used instead of
-        the layers' own parameters and ``scale``."""
+    def forward(self, x: torch.Tensor, rope: RopeGrid, weights: "BlockWeights", fused: bool = False) -> torch.Tensor:
+        """``weights``: the block's weights (:class:`BlockWeights`: ``proj`` carries the layer scale). ``fused``:
+        LePE, its bias, the add and the gate in one Triton pass (inference only, see :class:`LinViTBlock`)."""
         b, c, h, w = x.shape
-        if weights is not None:
-            qkvo = _pointwise(x, weights.qkvo_weight, weights.qkvo_bias)
-        else:
-            qkvo = self.qkvo(x)
-        q, k, v_map, o = qkvo.chunk(4, dim=1)
+        q, k, v_map, o = _pointwise(x, weights.qkvo_weight, weights.qkvo_bias).chunk(4, dim=1)
         # (B, C, H, W) -> (B, heads, N, d) with channel = head * d + j (head-major), tokens row-major.
         q, k, v = (t.reshape(b, self.num_heads, self.head_dim, h * w).transpose(-1, -2) for t in (q, k, v_map))
         u = self.mixer(q, k, v, hw=(h, w), rope=rope if self.mixer.uses_rope else None)
         u = u.transpose(-1, -2).reshape(b, c, h, w)
-        if weights is not None:
-            gated = (u + F.conv2d(v_map, weights.lepe_weight, weights.lepe_bias, 1, 2, 1, c)) * o
-            return _pointwise(gated, weights.proj_weight, weights.proj_bias)
         if fused:
             gated = fused_depthwise_conv(v_map, self.lepe.weight, self.lepe.bias, add=u, gate=o, backend="triton")
         else:
-            gated = (u + self.lepe(v_map)) * o
-        return self.proj(gated, scale=scale)
+            gated = (u + F.conv2d(v_map, weights.lepe_weight, weights.lepe_bias, 1, 2, 1, c)) * o
+        return _pointwise(gated, weights.proj_weight, weights.proj_bias)
 
 
 class AutocastLayerNorm2d(LayerNorm2d):
@@ -285,9 +274,10 @@ class AutocastLayerNorm2d(LayerNorm2d):
 
 
 class BlockWeights(NamedTuple):
-    """The tensors one :class:`LinViTBlock` computes with in training, already in the compute dtype.
+    """The tensors one :class:`LinViTBlock` computes with.
 
-    Built for all blocks of a stage at once by :func:`pack_stage_weights`. Depthwise weights keep their
+    In training built for all blocks of a stage at once, in the compute dtype, by :func:`pack_stage_weights`;
+    else by the block from its own layers (:meth:`LinViTBlock.block_weights`). Depthwise weights keep their
     parameter's shape and strides, with 1 added to the centre tap (``x + DWConv(x)`` as one conv, see
     :class:`ResidualDepthwiseConv`); 1×1 conv weights are ``(out, in)`` matrices. ``proj`` carries the layer
     scale γ1; ``fc2`` carries γ2 and the FFN's depthwise-conv bias, ``fc2_bias = γ2 ⊙ (b + W · dw_bias)``
@@ -511,9 +501,11 @@ class LinViTBlock(nn.Module):
     (:func:`linvision.ops.fused_depthwise_conv`): CPE + residual + bias + LayerNorm, LePE + bias + add +
     gate, and the attention branch's residual add + LayerNorm are one Triton pass each, in place of eight
     PyTorch ops. The same function; outputs differ by the rounding of the skipped intermediate results.
-    ``fused_backend`` (set by :class:`LinViT`) chooses when, see :meth:`_use_fused`. In training the stage
-    passes prepared weights (:class:`BlockWeights`, :func:`pack_stage_weights`) and the layers' parameters
-    are not read here.
+    ``fused_backend`` (set by :class:`LinViT`) chooses when, see :meth:`_use_fused`.
+
+    The block computes with a :class:`BlockWeights`: in training its stage passes one
+    (:func:`pack_stage_weights`), else the block builds its own (:meth:`block_weights`, kept between
+    inference calls). The submodules hold the parameters (and the official state-dict keys).
     """
 
     fused_backend = "auto"
@@ -534,27 +526,61 @@ class LinViTBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, rope: RopeGrid, weights: Optional[BlockWeights] = None) -> torch.Tensor:
-        """``weights``: this block's prepared weights (training, :func:`pack_stage_weights`), or None: the
-        layers' own parameters."""
-        if weights is not None:
-            x = F.conv2d(x, weights.cpe_weight, weights.cpe_bias, 1, 1, 1, x.shape[1])    # x + CPE(x)
-            h = self.norm1(x, weights.norm1_weight, weights.norm1_bias)
-            x = x + self.drop_path(self.attn(h, rope, weights=weights))
-            h = self.norm2(x, weights.norm2_weight, weights.norm2_bias)
-            return x + self.drop_path(self.mlp(h, weights=weights))
-        # The layer scales γ are folded into the last linear map of each branch (PointwiseConv), so the
-        # residual adds are plain adds of two tensors of one layout and dtype: under autocast the
-        # stream stays in the autocast dtype rather than being promoted to fp32 by an fp32 γ.
-        if self._use_fused(x):
+        """``weights``: this block's weights prepared by its stage (training, :func:`pack_stage_weights`), or
+        None: the block's own (:meth:`block_weights`)."""
+        fused = weights is None and self._use_fused(x)
+        if weights is None:
+            weights = self.block_weights(x)
+        # The layer scales γ are folded into the last linear map of each branch, so the residual adds are
+        # plain adds of two tensors of one layout and dtype: under autocast the stream stays in the autocast
+        # dtype rather than being promoted to fp32 by an fp32 γ.
+        if fused:
             x, h = fused_depthwise_conv(x, self.cpe.weight, self.cpe.bias, identity=True, backend="triton",
                                         norm=(self.norm1.weight, self.norm1.bias, self.norm1.eps))
-            attn = self.attn(h, rope, scale=self.gamma_1, fused=True)
+            attn = self.attn(h, rope, weights, fused=True)
             x, h = fused_depthwise_conv(x, None, identity=True, add=attn, backend="triton",
                                         norm=(self.norm2.weight, self.norm2.bias, self.norm2.eps))
-            return x + self.mlp(h, scale=self.gamma_2)
-        x = self.cpe(x)
-        x = x + self.drop_path(self.attn(self.norm1(x), rope, scale=self.gamma_1))
-        return x + self.drop_path(self.mlp(self.norm2(x), scale=self.gamma_2))
+            return x + self.mlp(h, weights)
+        x = F.conv2d(x, weights.cpe_weight, weights.cpe_bias, 1, 1, 1, x.shape[1])    # x + CPE(x)
+        h = self.norm1(x, weights.norm1_weight, weights.norm1_bias)
+        x = x + self.drop_path(self.attn(h, rope, weights))
+        h = self.norm2(x, weights.norm2_weight, weights.norm2_bias)
+        return x + self.drop_path(self.mlp(h, weights))
+
+    def block_weights(self, x: torch.Tensor) -> BlockWeights:
+        """This block's :class:`BlockWeights` from its own layers, one op per fold (the per-layer reference of
+        :func:`pack_stage_weights`; autocast casts them inside the convs and matrix products). Where no
+        gradient is recorded (inference) they are kept between calls, already in the compute dtype: the
+        folds and casts are a quarter of a block's launches, and a 224² forward is bound by launches. The
+        key holds every parameter's version counter and storage, so an optimizer step,
+        ``load_state_dict`` or ``.to()`` refolds. Not kept under ``torch.compile``, which fuses the folds."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self._layer_weights()
+        kind = x.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.cpe.weight.dtype
+        key = (dtype, *((p._version, p.data_ptr(), p.device) for p in (get(self) for get in _PACKED_GETTERS)))
+        cached = self.__dict__.get("_inference_weights")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        weights = BlockWeights(*(t.to(dtype) for t in self._layer_weights()))
+        self.__dict__["_inference_weights"] = (key, weights)
+        return weights
+
+    def _layer_weights(self) -> BlockWeights:
+        qkvo_weight, qkvo_bias = self.attn.qkvo._fold(None, None)
+        proj_weight, proj_bias = self.attn.proj._fold(self.gamma_1, None)
+        fc1_weight, fc1_bias = self.mlp.fc1._fold(None, None)
+        fc2_weight, fc2_bias = self.mlp.fc2._fold(self.gamma_2, self.mlp.dwconv.bias)
+        return BlockWeights(
+            self.cpe.centred_weight(), self.cpe.bias, self.norm1.weight, self.norm1.bias, qkvo_weight, qkvo_bias,
+            self.attn.lepe.weight, self.attn.lepe.bias, proj_weight, proj_bias, self.norm2.weight, self.norm2.bias,
+            fc1_weight, fc1_bias, self.mlp.dwconv.centred_weight(), fc2_weight, fc2_bias)
+
+    def __getstate__(self):
+        # The inference weights are derived data: copies and pickles of the block leave them behind.
+        state = super().__getstate__()
+        state.pop("_inference_weights", None)
+        return state
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         """Whether this call runs the fused depthwise-conv kernels (:mod:`linvision.ops`): they are forward
