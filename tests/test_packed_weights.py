@@ -168,6 +168,7 @@ def test_block_inference_weights_follow_parameter_changes():
             _clear_cached_weights(reference)
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
     assert model(x).requires_grad   # with grad: the per-layer ops, differentiable
+    assert "_inference_weights" not in block.__dict__    # and the kept weights are let go
 
 
 def test_block_inference_weights_in_the_autocast_dtype():

@@ -528,6 +528,8 @@ class LinViTBlock(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeGrid, weights: Optional[BlockWeights] = None) -> torch.Tensor:
         """``weights``: this block's weights prepared by its stage (training, :func:`pack_stage_weights`), or
         None: the block's own (:meth:`block_weights`)."""
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.__dict__.pop("_inference_weights", None)   # stale after the next optimizer step: free it
         fused = weights is None and self._use_fused(x)
         if weights is None:
             weights = self.block_weights(x)
