@@ -564,7 +564,9 @@ class LinViTBlock(nn.Module):
         cached = self.__dict__.get("_inference_weights")
         if cached is not None and cached[0] == key:
             return cached[1]
-        weights = BlockWeights(*(t.to(dtype) for t in self._layer_weights()))
+        # Detached: inference values, and parameters passed on as module arguments under no_grad confuse
+        # hooks that track autograd through module calls (FlopCounterMode's module tracker).
+        weights = BlockWeights(*(t.detach().to(dtype) for t in self._layer_weights()))
         self.__dict__["_inference_weights"] = (key, weights)
         return weights
 
