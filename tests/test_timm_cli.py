@@ -206,8 +206,11 @@ def test_import_from_the_folder_holding_a_clone(tmp_path):
     (parent / "linvision").symlink_to(ROOT, target_is_directory=True)  # a clone named linvision
     prefix = tmp_path / "prefix"
     install = subprocess.run(
+        # --ignore-installed: pip would otherwise uninstall this environment's own linvision first (the
+        # same distribution), and a later `make demo` in this checkout would find no linvision.
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
-         "--prefix", str(prefix), "--config-settings", "editable_mode=compat", "-e", "./linvision"],
+         "--ignore-installed", "--prefix", str(prefix), "--config-settings", "editable_mode=compat",
+         "-e", "./linvision"],
         cwd=parent, env=dict(_env(), PYTHONPATH=""), capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
     site_dir = next(prefix.rglob("site-packages"))
