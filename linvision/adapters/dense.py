@@ -33,9 +33,8 @@ from timm.layers import LayerNorm2d
 from timm.models._features import FeatureGetterNet
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..serialization import unwrap_checkpoint
 from ..backbones.linvit import LinViT, convert_official_keys
-from ..serialization import load_checkpoint_file
+from ..serialization import load_checkpoint_file, unwrap_checkpoint
 
 __all__ = ["DenseBackbone", "LoadReport", "read_checkpoint"]
 

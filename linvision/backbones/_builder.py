@@ -16,6 +16,7 @@ from ..serialization import unwrap_checkpoint   # the families' checkpoint filte
 
 __all__ = ["build_model_with_cfg", "unwrap_checkpoint", "rename_key"]
 
+
 def rename_key(key: str, renames: Sequence[Tuple[str, str]]) -> str:
     """``key`` after each ``(pattern, replacement)`` regex substitution in turn (a checkpoint
     filter's official → linvision key map)."""

@@ -145,7 +145,43 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     return F.linear(x.permute(0, 2, 3, 1), weight, bias).permute(0, 3, 1, 2)
 
 
-class PointwiseConv(nn.Conv2d):
+def _compute_dtype(x: torch.Tensor, param: torch.Tensor) -> torch.dtype:
+    """The dtype convs and matrix products run in for ``x``: autocast's when it is on for x's device, else
+    the parameters'."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
+
+
+class _KeepsInferenceValues:
+    """Mixin for modules that keep values derived from their parameters (folded weights in the compute
+    dtype) between calls that record no gradient, under the attribute named by ``_KEPT``.
+
+    :meth:`_kept` returns the stored value while its key, the dtype and every input's version counter and
+    storage, is unchanged: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it. Copies and
+    pickles of the module leave it behind (derived data).
+    """
+
+    _KEPT = "_inference_kept"
+
+    def _kept(self, dtype: torch.dtype, inputs: Sequence[Optional[torch.Tensor]], build):
+        key = (dtype, *(None if t is None else (t._version, t.data_ptr(), t.device) for t in inputs))
+        kept = self.__dict__.get(self._KEPT)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        value = build()
+        self.__dict__[self._KEPT] = (key, value)
+        return value
+
+    def _drop_kept(self) -> None:
+        self.__dict__.pop(self._KEPT, None)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(self._KEPT, None)
+        return state
+
+
+class PointwiseConv(_KeepsInferenceValues, nn.Conv2d):
     """A 1×1 conv computed as a matrix product over the NHWC view of a channels_last input.
 
     Same parameters and state-dict keys as ``nn.Conv2d(in, out, 1)``. The GEMM adds the bias in its
@@ -157,6 +193,8 @@ class PointwiseConv(nn.Conv2d):
     a depthwise conv) are folded into the weights, so neither costs a pass over the activations.
     """
 
+    _KEPT = "_inference_fold"
+
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__(in_channels, out_channels, 1)
 
@@ -167,12 +205,6 @@ class PointwiseConv(nn.Conv2d):
         else:
             weight, bias = self._folded_for_inference(x, scale, input_bias)
         return _pointwise(x, weight, bias)
-
-    def __getstate__(self):
-        # The inference cache is derived data: copies and pickles of the module leave it behind.
-        state = super().__getstate__()
-        state.pop("_inference_fold", None)
-        return state
 
     def _fold(self, scale: Optional[torch.Tensor], input_bias: Optional[torch.Tensor]):
         weight, bias = _PointwiseMatrix.apply(self.weight), self.bias
@@ -186,20 +218,11 @@ class PointwiseConv(nn.Conv2d):
     def _folded_for_inference(self, x: torch.Tensor, scale: Optional[torch.Tensor],
                               input_bias: Optional[torch.Tensor]):
         """The folded ``(weight, bias)`` in the dtype the product runs in, kept between calls while no
-        gradient is recorded: the folds and autocast's casts of them are half of a block's small launches,
-        and at 224² the model is bound by launches, not by the GPU. The key holds every input's version
-        counter and storage, so an optimizer step, ``load_state_dict`` or ``.to()`` refolds."""
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.weight.dtype
-        key = (dtype, *(None if t is None else (t._version, t.data_ptr(), t.device)
-                        for t in (self.weight, self.bias, scale, input_bias)))
-        cached = self.__dict__.get("_inference_fold")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        weight, bias = self._fold(scale, input_bias)
-        folded = (weight.to(dtype), bias.to(dtype))
-        self.__dict__["_inference_fold"] = (key, folded)
-        return folded
+        gradient is recorded (:class:`_KeepsInferenceValues`): the folds and autocast's casts of them are
+        half of a block's small launches, and at 224² the model is bound by launches, not by the GPU."""
+        dtype = _compute_dtype(x, self.weight)
+        return self._kept(dtype, (self.weight, self.bias, scale, input_bias),
+                          lambda: tuple(t.to(dtype) for t in self._fold(scale, input_bias)))
 
 
 class ConvFfn(nn.Module):
@@ -494,7 +517,7 @@ def pack_stage_weights(blocks: Sequence["LinViTBlock"], dtype: torch.dtype) -> L
     return [BlockWeights(*fields[j::nb]) for j in range(nb)]
 
 
-class LinViTBlock(nn.Module):
+class LinViTBlock(_KeepsInferenceValues, nn.Module):
     """CPE → attention → FFN, with layer scale ``(1, C, 1, 1)`` and drop path.
 
     Where no gradient is recorded (inference) the depthwise convs run fused with their neighbours
@@ -509,6 +532,7 @@ class LinViTBlock(nn.Module):
     """
 
     fused_backend = "auto"
+    _KEPT = "_inference_weights"
 
     def __init__(self, dim: int, num_heads: int, attn: str, mlp_ratio: float = 3.5,
                  layer_scale_init: float = 1.0, drop_path: float = 0.0,
@@ -529,7 +553,7 @@ class LinViTBlock(nn.Module):
         """``weights``: this block's weights prepared by its stage (training, :func:`pack_stage_weights`), or
         None: the block's own (:meth:`block_weights`)."""
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.__dict__.pop("_inference_weights", None)   # stale after the next optimizer step: free it
+            self._drop_kept()   # stale after the next optimizer step: free it
         fused = weights is None and self._use_fused(x)
         if weights is None:
             weights = self.block_weights(x)
@@ -552,23 +576,16 @@ class LinViTBlock(nn.Module):
     def block_weights(self, x: torch.Tensor) -> BlockWeights:
         """This block's :class:`BlockWeights` from its own layers, one op per fold (the per-layer reference of
         :func:`pack_stage_weights`; autocast casts them inside the convs and matrix products). Where no
-        gradient is recorded (inference) they are kept between calls, already in the compute dtype: the
-        folds and casts are a quarter of a block's launches, and a 224² forward is bound by launches. The
-        key holds every parameter's version counter and storage, so an optimizer step,
-        ``load_state_dict`` or ``.to()`` refolds. Not kept under ``torch.compile``, which fuses the folds."""
+        gradient is recorded (inference) they are kept between calls, already in the compute dtype
+        (:class:`_KeepsInferenceValues`): the folds and casts are a quarter of a block's launches, and a 224²
+        forward is bound by launches. Not kept under ``torch.compile``, which fuses the folds."""
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
             return self._layer_weights()
-        kind = x.device.type
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.cpe.weight.dtype
-        key = (dtype, *((p._version, p.data_ptr(), p.device) for p in (get(self) for get in _PACKED_GETTERS)))
-        cached = self.__dict__.get("_inference_weights")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        dtype = _compute_dtype(x, self.cpe.weight)
         # Detached: inference values, and parameters passed on as module arguments under no_grad confuse
         # hooks that track autograd through module calls (FlopCounterMode's module tracker).
-        weights = BlockWeights(*(t.detach().to(dtype) for t in self._layer_weights()))
-        self.__dict__["_inference_weights"] = (key, weights)
-        return weights
+        return self._kept(dtype, [get(self) for get in _PACKED_GETTERS],
+                          lambda: BlockWeights(*(t.detach().to(dtype) for t in self._layer_weights())))
 
     def _layer_weights(self) -> BlockWeights:
         qkvo_weight, qkvo_bias = self.attn.qkvo._fold(None, None)
@@ -579,12 +596,6 @@ class LinViTBlock(nn.Module):
             self.cpe.centred_weight(), self.cpe.bias, self.norm1.weight, self.norm1.bias, qkvo_weight, qkvo_bias,
             self.attn.lepe.weight, self.attn.lepe.bias, proj_weight, proj_bias, self.norm2.weight, self.norm2.bias,
             fc1_weight, fc1_bias, self.mlp.dwconv.centred_weight(), fc2_weight, fc2_bias)
-
-    def __getstate__(self):
-        # The inference weights are derived data: copies and pickles of the block leave them behind.
-        state = super().__getstate__()
-        state.pop("_inference_weights", None)
-        return state
 
     def _use_fused(self, x: torch.Tensor) -> bool:
         """Whether this call runs the fused depthwise-conv kernels (:mod:`linvision.ops`): they are forward
@@ -635,16 +646,13 @@ class LinViTStage(nn.Module):
         """The blocks' weights prepared in one pass (:func:`pack_stage_weights`) when autograd records
         (training) and ``pack_weights`` is on; None (each layer uses its own parameters) under
         ``torch.compile``, which fuses the per-layer ops itself, and where nothing is recorded (inference
-        keeps its folded weights cached, see :class:`PointwiseConv`); also None for parameters that are not
+        keeps each block's weights, see :meth:`LinViTBlock.block_weights`); also None for parameters that are not
         plain tensors (FSDP2 shards each block, and a block's parameters are only whole inside its forward)."""
         if not self.pack_weights or not self.blocks or not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         if any(type(blk.cpe.weight) not in _PLAIN_TENSOR_TYPES for blk in self.blocks):
             return None
-        kind = x.device.type
-        param = self.blocks[0].cpe.weight
-        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else param.dtype
-        return pack_stage_weights(self.blocks, dtype)
+        return pack_stage_weights(self.blocks, _compute_dtype(x, self.blocks[0].cpe.weight))
 
 
 class LinViT(nn.Module):

@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from ..serialization import unwrap_checkpoint
 from ..checkpoint import atomic_write, read_json, read_weights_metadata
-from ..serialization import CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file
+from ..serialization import (CheckpointError, check_checkpoint_model, first_line, load_checkpoint_file,
+                             unwrap_checkpoint)
 from .checkpoint_sets import BEST_WEIGHTS, LAST_WEIGHTS, ema_sibling
 from .common import InputError, plain
 from .config import EvalConfig

@@ -15,8 +15,7 @@ from torch import nn
 import timm
 from timm.data import resolve_data_config as timm_resolve_data_config
 
-from ..serialization import unwrap_checkpoint
-from ..serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file
+from ..serialization import CheckpointError, check_checkpoint_model, load_checkpoint_file, unwrap_checkpoint
 from .common import InputError
 from .config import ModelSpec
 
