@@ -211,6 +211,23 @@ def check_projection_views(src, w, g, heads, d, dtype, rtol, **opts):
     return results[0][0]
 
 
+def test_forward_without_recording_matches_the_recorded_one():
+    """Where autograd records nothing (no_grad, inference_mode, inputs that need no gradient) the kernels run
+    without the autograd Function: the same values as a recorded call, and no graph."""
+    q, k, v, w, grid = _inputs(1, 2, 37, 32, 32, torch.float32, "elu1", True, True)
+    opts = dict(normalization="magnitude_aware", feature_map="elu1", scale=0.5, rope=grid, backend="triton")
+    recorded = linear_attention(q.clone().requires_grad_(), k, v, key_weights=w, **opts)
+    assert recorded.grad_fn is not None
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = linear_attention(q.clone().requires_grad_(), k, v, key_weights=w, **opts)
+        assert out.grad_fn is None and not out.requires_grad
+        torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
+    plain = linear_attention(q, k, v, key_weights=w, **opts)
+    assert plain.grad_fn is None
+    torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outputs_and_grads_take_input_layouts(channels_last):
     """q, k, v as (B, H, N, d) views of a conv's (B, 3C, H, W) output, as the models make them: the output and
