@@ -182,6 +182,31 @@ def test_block_inference_weights_in_the_autocast_dtype():
     assert all(t.dtype == torch.float32 for t in block.__dict__["_inference_weights"][1])
 
 
+def test_counting_under_fake_tensors_keeps_nothing():
+    """Counting MACs (FakeTensorMode + FlopCounterMode) before any real call must not leave fake weights
+    behind under the real parameters' key: the next real forward would compute with them and return a fake
+    tensor. Under a dispatch mode nothing is kept, and kept real weights are not read either."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from linvision.complexity import model_complexity
+    model = _model().eval()
+    reference = copy.deepcopy(model)
+    x = torch.randn(1, 3, 32, 32)
+    macs = model_complexity(model, (3, 32, 32))["gmacs"]
+    assert all("_inference_weights" not in m.__dict__ and "_inference_fold" not in m.__dict__
+               for m in model.modules())
+    with torch.no_grad():
+        out = model(x)
+        assert type(out) is torch.Tensor and not isinstance(out, FakeTensor)
+        torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    assert model_complexity(model, (3, 32, 32))["gmacs"] == macs     # with real weights kept: the same count
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, rtol=0, atol=0)
+    # The fused inference kernels step aside under the counter: the same MACs with them on.
+    fused = _model(fused_backend="triton").eval()
+    assert model_complexity(fused, (3, 32, 32))["gmacs"] == macs
+
+
 def _clear_cached_weights(model):
     for module in model.modules():
         module.__dict__.pop("_inference_weights", None)

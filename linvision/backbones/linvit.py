@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
 from timm.layers.fast_norm import fast_layer_norm
@@ -158,12 +159,16 @@ class _KeepsInferenceValues:
 
     :meth:`_kept` returns the stored value while its key, the dtype and every input's version counter and
     storage, is unchanged: an optimizer step, ``load_state_dict`` or ``.to()`` rebuilds it. Copies and
-    pickles of the module leave it behind (derived data).
+    pickles of the module leave it behind (derived data). Under a Python dispatch mode (FakeTensorMode, the
+    FLOP counter, ...) nothing is read or kept: a value built there would be a fake tensor with the real
+    parameters' key, which later real calls would compute with.
     """
 
     _KEPT = "_inference_kept"
 
     def _kept(self, dtype: torch.dtype, inputs: Sequence[Optional[torch.Tensor]], build):
+        if _get_current_dispatch_mode() is not None:
+            return build()
         key = (dtype, *(None if t is None else (t._version, t.data_ptr(), t.device) for t in inputs))
         kept = self.__dict__.get(self._KEPT)
         if kept is not None and kept[0] == key:
@@ -601,8 +606,12 @@ class LinViTBlock(_KeepsInferenceValues, nn.Module):
         """Whether this call runs the fused depthwise-conv kernels (:mod:`linvision.ops`): they are forward
         only, so only where autograd records nothing, and drop path must be off (eval mode or rate 0).
         ``fused_backend`` ``"auto"`` takes them for CUDA tensors, ``"triton"`` for any tensor the kernel
-        takes (CPU under ``TRITON_INTERPRET=1``: tests), ``"torch"`` never."""
+        takes (CPU under ``TRITON_INTERPRET=1``: tests), ``"torch"`` never. Never under a Python dispatch mode
+        (fake tensors, the FLOP counter): the kernels take real tensors only, and the counter sees PyTorch's
+        convolutions but not a Triton kernel, so MACs are the same on every device."""
         if self.fused_backend == "torch" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        if _get_current_dispatch_mode() is not None:
             return False
         if self.training and not isinstance(self.drop_path, nn.Identity):
             return False
