@@ -9,8 +9,12 @@ A *case* is (model, resolution, batch size, mode). For each one the benchmark pr
 * ``img_per_s`` (``batch_size`` / the median time of one call), ``ms_median``, ``ms_min``, ``ms_max``,
   ``reps`` (timed calls, after ``warmup`` untimed ones); ``tflops`` (2 · MACs · img/s, forward only for
   ``infer``, 3× that for ``train``: the usual backward ≈ 2× forward estimate);
-* ``peak_mem_mib``: ``torch.cuda.max_memory_allocated`` over the case (reset at its start; the model's
-  weights included), null on CPU;
+* with ``rounds`` > 1: ``round_medians_ms``, the median of each round. Every model of a resolution is then
+  kept on the device and the timed calls of a case alternate between the models in that many rounds, so
+  a drift of the host's speed (which bounds small-batch eager calls) falls on all of them alike;
+* ``peak_mem_mib``: the model's own peak over the case (``torch.cuda.max_memory_allocated`` above what was
+  allocated before, plus its weights and what the case keeps: input, optimizer state, graph pool; models
+  kept alongside are not counted), null on CPU;
 * ``params``, ``gmacs`` (per image at this resolution, ``linvision.complexity.model_complexity``, counted
   once per model and resolution under a fake-tensor mode: no compute, any resolution);
 * ``compile_s`` (with ``compile``: the wall time of the first call, which compiles), ``cuda_graph``;
@@ -56,7 +60,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Options", "parse_img_size", "plan_cases", "resolve_models", "model_kwargs", "run", "plot",
-           "read_jsonl", "summary", "main", "capture_graph", "time_clean", "replay_time"]
+           "read_jsonl", "summary", "main", "capture_graph", "time_clean", "replay_time", "Prepared",
+           "prepare_infer", "prepare_train"]
 
 AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 MODES = ("infer", "train")
@@ -74,6 +79,7 @@ class Options:
     grad_checkpointing: bool = False      # training only
     warmup: int = 3
     iters: int = 10                       # timed calls (at most, with time_budget)
+    rounds: int = 1                       # > 1: the models of a resolution alternate, timed calls split over rounds
     time_budget: Optional[float] = None   # seconds of timed calls per case
     device: str = "cuda"
     cold_start: bool = False
@@ -303,18 +309,28 @@ def replay_time(fn: Callable[[], object], reps: int = 25) -> float:
     return time_clean(capture_graph(fn).replay, reps)
 
 
-def _warm_and_time(step: Callable[[], object], opts: Options, device: torch.device) -> Dict[str, Any]:
-    """Warm-up calls (untimed), then the timed ones: ``iters``, or fewer when ``time_budget`` (seconds)
-    at the warm-up's pace is shorter."""
+@dataclasses.dataclass
+class Prepared:
+    """A model made ready for one case (built by :func:`prepare_infer` / :func:`prepare_train`, warm-up
+    done): ``step()`` is one timed call, ``reps`` how many calls to time, ``extra`` fields for the output
+    line (``compile_s``), ``close()`` releases what the case holds (optimizer state, grad checkpointing)."""
+    step: Callable[[], object]
+    reps: int
+    extra: Dict[str, Any]
+    close: Callable[[], None] = lambda: None
+
+
+def _warm_up(step: Callable[[], object], opts: Options, device: torch.device) -> int:
+    """Warm-up calls (untimed); returns how many calls to time: ``iters``, or fewer when ``time_budget``
+    (seconds) at the warm-up's pace is shorter."""
     t0 = time.perf_counter()
     for _ in range(opts.warmup):
         step()
     _sync(device)
     per_call = (time.perf_counter() - t0) / max(opts.warmup, 1)
-    reps = opts.iters
     if opts.time_budget is not None and opts.warmup:
-        reps = max(1, min(opts.iters, int(opts.time_budget / max(per_call, 1e-6))))
-    return {"times": time_calls(step, reps, device)}
+        return max(1, min(opts.iters, int(opts.time_budget / max(per_call, 1e-6))))
+    return opts.iters
 
 
 def _summarise(times: List[float], batch: int) -> Dict[str, Any]:
@@ -340,34 +356,34 @@ def _compiled(model: nn.Module, opts: Options):
     return torch.compile(model, dynamic=False) if opts.compile else model
 
 
-def measure_infer(model: nn.Module, batch: int, size: Tuple[int, int], opts: Options,
-                  device: torch.device) -> Dict[str, Any]:
-    """Inference throughput of ``model`` (already on ``device``) at one batch size and resolution."""
+def prepare_infer(model: nn.Module, batch: int, size: Tuple[int, int], opts: Options,
+                  device: torch.device) -> Prepared:
+    """Inference calls of ``model`` (already on ``device``) at one batch size and resolution: compiled or
+    captured in a CUDA graph as ``opts`` says, warmed up."""
     model.eval()
     x = _input(batch, size, opts, device)
     fn = _compiled(model, opts)
-    result: Dict[str, Any] = {}
-    with torch.inference_mode(), _autocast(opts, device):
-        if opts.compile:
-            t0 = time.perf_counter()
-            fn(x)
-            _sync(device)
-            result["compile_s"] = time.perf_counter() - t0
+    extra: Dict[str, Any] = {}
 
-        def call():
+    def call():
+        with torch.inference_mode(), _autocast(opts, device):
             return fn(x)
-        step = call
-        if opts.cuda_graph and device.type == "cuda":
-            for _ in range(opts.warmup):
-                call()
-            step = capture_graph(call, warmup=1).replay
-        timed = _warm_and_time(step, opts, device)
-    return {**result, **_summarise(timed["times"], batch)}
+    if opts.compile:
+        t0 = time.perf_counter()
+        call()
+        _sync(device)
+        extra["compile_s"] = time.perf_counter() - t0
+    step = call
+    if opts.cuda_graph and device.type == "cuda":
+        for _ in range(opts.warmup):
+            call()
+        step = capture_graph(call, warmup=1).replay
+    return Prepared(step, _warm_up(step, opts, device), extra)
 
 
-def measure_train(model: nn.Module, batch: int, size: Tuple[int, int], opts: Options,
-                  device: torch.device) -> Dict[str, Any]:
-    """Training-step throughput (forward, loss, backward, AdamW step, grads set to None)."""
+def prepare_train(model: nn.Module, batch: int, size: Tuple[int, int], opts: Options,
+                  device: torch.device) -> Prepared:
+    """Training steps (forward, loss, backward, AdamW step, grads set to None) of ``model``, warmed up."""
     model.train()
     if opts.grad_checkpointing:
         model.set_grad_checkpointing(True)
@@ -384,22 +400,27 @@ def measure_train(model: nn.Module, batch: int, size: Tuple[int, int], opts: Opt
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-    result: Dict[str, Any] = {}
+
+    def close():
+        optimizer.zero_grad(set_to_none=True)
+        optimizer.state.clear()
+        if opts.grad_checkpointing:
+            model.set_grad_checkpointing(False)
+    extra: Dict[str, Any] = {}
     try:
         if opts.compile:
             t0 = time.perf_counter()
             step()
             _sync(device)
-            result["compile_s"] = time.perf_counter() - t0
-        timed = _warm_and_time(step, opts, device)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
-        if opts.grad_checkpointing:
-            model.set_grad_checkpointing(False)
-    return {**result, **_summarise(timed["times"], batch)}
+            extra["compile_s"] = time.perf_counter() - t0
+        reps = _warm_up(step, opts, device)
+    except BaseException:
+        close()
+        raise
+    return Prepared(step, reps, extra, close)
 
 
-MEASURE = {"infer": measure_infer, "train": measure_train}
+PREPARE = {"infer": prepare_infer, "train": prepare_train}
 
 
 def _triton_stats() -> Optional[Dict[str, int]]:
@@ -479,7 +500,9 @@ def run(models: Sequence[str], cases: Sequence[Tuple[Tuple[int, int], int]], opt
 
     Order: resolution, then model (the reference of ``opts.compare`` first, so each other model's line can
     carry its ratio to it), then batch size, then mode. A model is built once per resolution (on the CPU,
-    counted, then moved to the device) and freed before the next."""
+    counted, then moved to the device) and freed before the next. With ``opts.rounds`` > 1 every model of a
+    resolution is built and kept on the device together, and each case's timed calls alternate between
+    them in that many rounds (lines then come per batch size and mode, models in the same order)."""
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {opts.device!r} requested but CUDA is not available")
@@ -496,68 +519,145 @@ def run(models: Sequence[str], cases: Sequence[Tuple[Tuple[int, int], int]], opt
     resolutions = list(dict.fromkeys(size for size, _ in cases))
     for size in resolutions:
         batches = [b for s, b in cases if s == size]
-        for name in _models_in_order(models, opts.compare):
-            base = {"model": name, "img_size": list(size)}
-            model = None
-            try:
-                model = build_model(name, size, opts.model_kwargs)
-                counts = complexity(model, size)
-                if opts.channels_last:
-                    model = model.to(memory_format=torch.channels_last)
-                model = model.to(device)
-            except Exception as e:  # noqa: BLE001 - one model failing to build does not stop the sweep
-                status, message = ("oom" if is_oom(e) else "error"), one_line(e)
-                model = None
-                free_memory(device)
-                for batch in batches:
-                    for mode in opts.modes():
-                        put({"kind": "case", "status": status, **base, "batch_size": batch, "mode": mode,
-                             "error": message})
-                continue
-            if opts.cold_start:
+        names = _models_in_order(models, opts.compare)
+        for group in ([names] if opts.rounds > 1 else [[name] for name in names]):
+            built: Dict[str, Tuple[nn.Module, Dict[str, Any]]] = {}
+            for name in group:
+                base = {"model": name, "img_size": list(size)}
                 try:
-                    put({"kind": "cold_start", "status": "ok", **base, "batch_size": batches[0],
-                         **cold_start(model, batches[0], size, opts, device)})
-                except Exception as e:  # noqa: BLE001
-                    put({"kind": "cold_start", "status": "oom" if is_oom(e) else "error", **base,
-                         "batch_size": batches[0], "error": one_line(e)})
-                free_memory(device)
+                    model = build_model(name, size, opts.model_kwargs)
+                    counts = complexity(model, size)
+                    if opts.channels_last:
+                        model = model.to(memory_format=torch.channels_last)
+                    built[name] = (model.to(device), counts)
+                except Exception as e:  # noqa: BLE001 - one model failing to build does not stop the sweep
+                    status, message = ("oom" if is_oom(e) else "error"), one_line(e)
+                    free_memory(device)
+                    for batch in batches:
+                        for mode in opts.modes():
+                            put({"kind": "case", "status": status, **base, "batch_size": batch, "mode": mode,
+                                 "error": message})
+                    continue
+                if opts.cold_start:
+                    try:
+                        put({"kind": "cold_start", "status": "ok", **base, "batch_size": batches[0],
+                             **cold_start(built[name][0], batches[0], size, opts, device)})
+                    except Exception as e:  # noqa: BLE001
+                        put({"kind": "cold_start", "status": "oom" if is_oom(e) else "error", **base,
+                             "batch_size": batches[0], "error": one_line(e)})
+                    free_memory(device)
             for batch in batches:
                 for mode in opts.modes():
-                    row = {"kind": "case", **base, "batch_size": batch, "mode": mode, **counts,
-                           "cuda_graph": opts.cuda_graph and mode == "infer" and device.type == "cuda"}
-                    row.update(_one_case(model, batch, size, mode, opts, device))
-                    if row["status"] == "ok" and row.get("gmacs") is not None:
-                        row["tflops"] = 2 * row["gmacs"] * row["img_per_s"] / 1e3 * (3 if mode == "train" else 1)
-                    key = (tuple(size), batch, mode)
-                    if name == opts.compare:
-                        reference[key] = row
-                    elif opts.compare is not None:
-                        row.update(_ratio(row, reference.get(key), opts.compare))
-                    put(row)
-            del model
+                    results = _measure_case({name: model for name, (model, _) in built.items()}, batch, size,
+                                            mode, opts, device)
+                    for name, (_, counts) in built.items():
+                        row = {"kind": "case", "model": name, "img_size": list(size), "batch_size": batch,
+                               "mode": mode, **counts,
+                               "cuda_graph": opts.cuda_graph and mode == "infer" and device.type == "cuda",
+                               **results[name]}
+                        if row["status"] == "ok" and row.get("gmacs") is not None:
+                            row["tflops"] = 2 * row["gmacs"] * row["img_per_s"] / 1e3 * (3 if mode == "train" else 1)
+                        key = (tuple(size), batch, mode)
+                        if name == opts.compare:
+                            reference[key] = row
+                        elif opts.compare is not None:
+                            row.update(_ratio(row, reference.get(key), opts.compare))
+                        put(row)
+            del built
             if opts.compile:
                 torch._dynamo.reset()
             free_memory(device)
     return rows
 
 
-def _one_case(model: nn.Module, batch: int, size: Tuple[int, int], mode: str, opts: Options,
-              device: torch.device) -> Dict[str, Any]:
-    """One measurement with its own peak-memory window; failures become ``status`` oom/error."""
-    free_memory(device)
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def _start_window(device: torch.device) -> int:
+    """Reset the peak-memory counter; returns the bytes allocated now (the window's base)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result: Dict[str, Any]
-    try:
-        result = {"status": "ok", **MEASURE[mode](model, batch, size, opts, device)}
-    except Exception as e:  # noqa: BLE001 - record and go on with the sweep
-        result = {"status": "oom" if is_oom(e) else "error", "error": one_line(e)}
-    # The exception (and its frames' tensors) is gone here, so the memory can be released.
-    model.zero_grad(set_to_none=True)
+    return _allocated(device)
+
+
+def _window_peak(device: torch.device, base: int) -> int:
+    """Bytes allocated at the peak since :func:`_start_window`, above its base."""
+    return torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else 0
+
+
+def _resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once)."""
+    seen: Dict[Tuple[Any, int], int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[(t.device, t.data_ptr())] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+def _split(reps: int, rounds: int) -> List[int]:
+    """``reps`` timed calls over ``rounds`` rounds, as even as they go (earlier rounds take the remainder)."""
+    return [reps // rounds + (1 if r < reps % rounds else 0) for r in range(rounds)]
+
+
+def _failure(exc: BaseException, peak: Optional[int]) -> Dict[str, Any]:
+    return {"status": "oom" if is_oom(exc) else "error", "error": one_line(exc),
+            "peak_mem_mib": None if peak is None else peak / 2 ** 20}
+
+
+def _measure_case(models: Dict[str, nn.Module], batch: int, size: Tuple[int, int], mode: str, opts: Options,
+                  device: torch.device) -> Dict[str, Dict[str, Any]]:
+    """One case for each model: prepared and warmed up one after the other, then timed in ``opts.rounds``
+    rounds that alternate between the models. Returns each model's result fields: ``status`` ok/oom/error
+    (a failure in ``error``; the other models go on), the times, ``peak_mem_mib`` and, with rounds > 1,
+    ``round_medians_ms``.
+
+    ``peak_mem_mib`` is the model's own: its weights, what its prepared case keeps (input, optimizer state,
+    graph pool) and the largest transient of any of its calls; other models kept on the device alongside
+    are not counted. None on the CPU."""
+    cuda = device.type == "cuda"
+    results: Dict[str, Dict[str, Any]] = {}
+    live: Dict[str, Dict[str, Any]] = {}
+    for name, model in models.items():
+        free_memory(device)
+        weights = _resident_bytes(model)
+        base = _start_window(device)
+        try:
+            prepared = PREPARE[mode](model, batch, size, opts, device)
+        except Exception as e:  # noqa: BLE001 - record and go on with the sweep
+            results[name] = _failure(e, _window_peak(device, base) + weights if cuda else None)
+            model.zero_grad(set_to_none=True)
+            continue
+        live[name] = {"prepared": prepared, "peak": _window_peak(device, base) + weights, "times": [],
+                      "rounds": [], "held": _allocated(device) - base + weights,
+                      "split": _split(prepared.reps, opts.rounds)}
+    for r in range(opts.rounds):
+        for name in list(live):
+            entry = live[name]
+            if not entry["split"][r]:
+                continue
+            base = _start_window(device)
+            try:
+                times = time_calls(entry["prepared"].step, entry["split"][r], device)
+            except Exception as e:  # noqa: BLE001
+                results[name] = _failure(e, _window_peak(device, base) + entry["held"] if cuda else None)
+                entry["prepared"].close()
+                models[name].zero_grad(set_to_none=True)
+                del live[name]
+                continue
+            entry["times"] += times
+            entry["rounds"].append(statistics.median(times))
+            entry["peak"] = max(entry["peak"], _window_peak(device, base) + entry["held"])
+    for name, entry in live.items():
+        entry["prepared"].close()
+        models[name].zero_grad(set_to_none=True)
+        results[name] = {"status": "ok", **entry["prepared"].extra, **_summarise(entry["times"], batch),
+                         "peak_mem_mib": entry["peak"] / 2 ** 20 if cuda else None}
+        if opts.rounds > 1:
+            results[name]["round_medians_ms"] = entry["rounds"]
+    # Any exception (and its frames' tensors) is gone here, so the memory can be released.
+    live.clear()
     free_memory(device)
-    result["peak_mem_mib"] = torch.cuda.max_memory_allocated(device) / 2 ** 20 if device.type == "cuda" else None
-    return result
+    return {name: results[name] for name in models}
 
 
 def _ratio(row: Dict[str, Any], ref: Optional[Dict[str, Any]], ref_name: str) -> Dict[str, Any]:
@@ -692,6 +792,9 @@ def build_parser():
     parser.add_argument("--grad-checkpointing", action="store_true", help="training with grad checkpointing")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per case")
     parser.add_argument("--iters", type=int, default=10, help="timed calls per case (median reported)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate the models' timed calls in this many rounds per case, all models of a "
+                             "resolution kept on the device (for host-bound cases, where the host's speed drifts)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds of timed calls per case: fewer than --iters when the warm-up's pace says "
                              "they would take longer (needs --warmup >= 1)")
@@ -722,12 +825,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not models and not args.compare:
             raise ValueError("give at least one model (or --models-from-timm)")
         cases = plan_cases(args.img_size or ([] if ":" in args.batch_size[0] else ["224"]), args.batch_size)
-        for name, value in (("--warmup", args.warmup), ("--iters", args.iters)):
+        for name, value in (("--warmup", args.warmup), ("--iters", args.iters), ("--rounds", args.rounds)):
             if value < (0 if name == "--warmup" else 1):
                 raise ValueError(f"{name} must be {'>= 0' if name == '--warmup' else '>= 1'}, got {value}")
         opts = Options(mode=args.mode, amp=args.amp, amp_dtype=args.amp_dtype, channels_last=args.channels_last,
                        compile=args.compile, cuda_graph=args.cuda_graph, grad_checkpointing=args.grad_checkpointing,
-                       warmup=args.warmup, iters=args.iters, time_budget=args.time_budget,
+                       warmup=args.warmup, iters=args.iters, rounds=args.rounds, time_budget=args.time_budget,
                        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
                        cold_start=args.cold_start, compare=args.compare,
                        model_kwargs=parse_model_kwargs(args.model_kwargs))

@@ -143,6 +143,40 @@ def test_out_of_memory_and_failures_are_recorded_and_the_sweep_goes_on(monkeypat
     assert benchmark.is_oom(RuntimeError("CUDA error: out of memory")) and not benchmark.is_oom(ValueError("x"))
 
 
+class _Logged(_Tiny):
+    """_Tiny that appends its name to a shared log at each forward."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        return super().forward(x)
+
+
+def test_rounds_alternate_the_models_of_a_case(monkeypatch):
+    log = []
+    monkeypatch.setattr(benchmark, "build_model", lambda name, size, extra: _Logged(name, log))
+    opts = benchmark.Options(mode="both", amp=False, warmup=1, iters=5, rounds=2, device="cpu", compare="tiny_ref")
+    rows = benchmark.run(["tiny_a", "tiny_ref"], benchmark.plan_cases([], ["32:4", "32:2"]), opts,
+                         emit=lambda row: None)
+    got = [(r["model"], r["batch_size"], r["mode"], r["status"]) for r in rows]
+    assert got == [("tiny_ref", 4, "infer", "oom"), ("tiny_a", 4, "infer", "oom"),
+                   ("tiny_ref", 4, "train", "oom"), ("tiny_a", 4, "train", "oom"),
+                   ("tiny_ref", 2, "infer", "ok"), ("tiny_a", 2, "infer", "ok"),
+                   ("tiny_ref", 2, "train", "ok"), ("tiny_a", 2, "train", "ok")]
+    for r in rows[4:]:
+        assert r["reps"] == 5 and len(r["round_medians_ms"]) == 2 and r["options"]["rounds"] == 2
+        assert min(r["round_medians_ms"]) >= r["ms_min"] and max(r["round_medians_ms"]) <= r["ms_max"]
+    assert rows[5]["speedup_vs_ref"] == pytest.approx(rows[5]["img_per_s"] / rows[4]["img_per_s"])
+    # The last two cases (batch 2, inference then training): one warm-up call per model, then rounds of 3
+    # and 2 timed calls that alternate between the models.
+    per_case = ["tiny_ref", "tiny_a"] + ["tiny_ref"] * 3 + ["tiny_a"] * 3 + ["tiny_ref"] * 2 + ["tiny_a"] * 2
+    assert log[-2 * len(per_case):] == per_case * 2
+    assert benchmark._split(5, 2) == [3, 2] and benchmark._split(1, 3) == [1, 0, 0]
+
+
 def test_case_planning_and_model_arguments():
     assert benchmark.plan_cases(["224", "96x128"], ["4", "1"]) == [((224, 224), 4), ((224, 224), 1),
                                                                    ((96, 128), 4), ((96, 128), 1)]
@@ -181,6 +215,9 @@ def test_command_line_prints_one_json_line_per_case(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         tool.main([REF, "--batch-size", "224:4", "8", "--device", "cpu"])
     assert exit_info.value.code == 2 and "not a mix" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        tool.main([REF, "--rounds", "0", "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,family", [
