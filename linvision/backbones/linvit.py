@@ -533,7 +533,9 @@ class LinViTBlock(_KeepsInferenceValues, nn.Module):
 
     The block computes with a :class:`BlockWeights`: in training its stage passes one
     (:func:`pack_stage_weights`), else the block builds its own (:meth:`block_weights`, kept between
-    inference calls). The submodules hold the parameters (and the official state-dict keys).
+    inference calls; a CUDA graph captured in inference replays with the weights kept at capture, so
+    capture again after changing the parameters). The submodules hold the parameters (and the official
+    state-dict keys).
     """
 
     fused_backend = "auto"
