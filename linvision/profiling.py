@@ -1,7 +1,7 @@
 """Where a model's GPU time goes: a torch.profiler kernel breakdown by op family.
 
-:func:`profile_model` runs a few warm-up steps, then profiles ``iters`` inference or training steps
-and returns the device time per step grouped two ways: by *family* (what kind of work the kernel
+:func:`profile_model` runs a few warm-up steps, then profiles ``iters`` inference or training steps (the
+steps ``tools/benchmark.py`` times) and returns the device time per step grouped two ways: by *family* (what kind of work the kernel
 does: linear attention, matmul/1×1 conv, depthwise conv, norm, activation, elementwise, layout
 copy, reduction, optimizer, …) and by individual kernel (the top entries). ``tools/profile_model.py``
 prints it as JSON; ``docs/performance.md`` records the results that guided the model optimisations.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -43,61 +43,50 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, mode: str, amp_dtype) -> Any:
-    device_type = x.device.type
-    if mode == "infer":
-        def step():
-            with torch.inference_mode(), torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                return model(x)
-        return step
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device_type == "cuda")
+def profile_model(model: nn.Module, batch_size: int, img_size: Tuple[int, int], mode: str = "infer", *,
+                  iters: int = 5, warmup: int = 3, amp_dtype: Optional[str] = "bfloat16", channels_last: bool = True,
+                  top: int = 25) -> Dict[str, Any]:
+    """Profile ``iters`` steps of ``model`` on random ``(batch_size, 3, *img_size)`` inputs.
 
-    def step():
-        with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model(x).float().logsumexp(-1).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def profile_model(model: nn.Module, x: torch.Tensor, mode: str = "infer", iters: int = 5, warmup: int = 3,
-                  amp_dtype=torch.bfloat16, top: int = 25) -> Dict[str, Any]:
-    """Profile ``iters`` steps of ``model`` on ``x``.
-
-    Args:
-        model: on the device of ``x``; put in eval mode for ``infer``, train mode for ``train``.
-        x: ``(B, C, H, W)`` input (its memory format is kept).
-        mode: ``"infer"`` (inference_mode forward) or ``"train"`` (forward, backward, AdamW step).
-        amp_dtype: autocast dtype, or ``None`` for none.
+    A step is the one ``tools/benchmark.py`` times (:func:`linvision.benchmark.prepare_infer` /
+    :func:`~linvision.benchmark.prepare_train`): an ``inference_mode`` forward, or forward, loss, backward and
+    AdamW step, under autocast in ``amp_dtype`` (``"bfloat16"``, ``"float16"`` or None for none), on the
+    device of the model's parameters.
 
     Returns:
         ``{"ms_per_step", "device_ms_per_step", "families": [{family, ms, share}], "kernels":
-        [{name, family, ms, calls}]}``, times per step, sorted by time.
+        [{name, family, ms, calls}]}``, times per step, sorted by time. ``ms_per_step`` is the wall time of an
+        unprofiled step; where it is well above ``device_ms_per_step`` the step waits on the host's launches.
+        On the CPU the "kernels" are the top-level operators and their CPU time.
     """
     from torch.profiler import ProfilerActivity, profile
 
-    if mode not in ("infer", "train"):
-        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
-    model.train(mode == "train")
-    step = _step_fn(model, x, mode, amp_dtype)
-    cuda = x.device.type == "cuda"
-    for _ in range(warmup):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    if cuda:
-        torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t0) * 1e3 / iters
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    from .benchmark import AMP_DTYPES, PREPARE, Options
+
+    if mode not in PREPARE:
+        raise ValueError(f"mode must be one of {sorted(PREPARE)}, got {mode!r}")
+    if amp_dtype is not None and amp_dtype not in AMP_DTYPES:
+        raise ValueError(f"amp_dtype must be one of {sorted(AMP_DTYPES)} or None, got {amp_dtype!r}")
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    opts = Options(mode=mode, amp=amp_dtype is not None, amp_dtype=amp_dtype or "bfloat16",
+                   channels_last=channels_last, warmup=warmup, iters=iters, device=str(device))
+    prepared = PREPARE[mode](model, batch_size, tuple(img_size), opts, device)
+    try:
+        t0 = time.perf_counter()
         for _ in range(iters):
-            step()
+            prepared.step()
         if cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
+        wall_ms = (time.perf_counter() - t0) * 1e3 / iters
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        with profile(activities=activities) as prof:
+            for _ in range(iters):
+                prepared.step()
+            if cuda:
+                torch.cuda.synchronize(device)
+    finally:
+        prepared.close()
     kernels: Dict[str, List[float]] = {}
     for evt in prof.events():
         is_kernel = (evt.device_type == torch.autograd.DeviceType.CUDA) if cuda else (evt.cpu_parent is None)

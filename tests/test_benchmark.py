@@ -220,6 +220,28 @@ def test_command_line_prints_one_json_line_per_case(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--rounds must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_profile_model_on_the_cpu(capsys):
+    """The profiler tool runs the benchmark's steps; on the CPU its "kernels" are the top-level operators."""
+    from linvision.profiling import profile_model
+    model = benchmark.build_model(REF, (32, 32), {})
+    for mode in ("infer", "train"):
+        result = profile_model(model, 2, (32, 32), mode, iters=1, warmup=1, amp_dtype=None)
+        assert result["ms_per_step"] > 0 and result["device_ms_per_step"] > 0
+        assert sum(f["share"] for f in result["families"]) == pytest.approx(1.0, abs=1e-3)
+        assert any(k["name"] == "aten::linear" and k["calls"] >= 1 for k in result["kernels"]), result["kernels"]
+        assert all(p.grad is None for p in model.parameters())      # the training step's state let go
+    with pytest.raises(ValueError, match="mode must be one of"):
+        profile_model(model, 1, (32, 32), "both")
+    spec = importlib.util.spec_from_file_location("_linvision_tool_profile", ROOT / "tools" / "profile_model.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([REF, "--img-size", "32", "--batch-size", "1", "--mode", "infer", "--iters", "1",
+                      "--warmup", "0", "--device", "cpu", "--amp-dtype", "none",
+                      "--model-kwargs", f"{REF}:drop_rate=0.0"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["model"] == REF and line["mode"] == "infer" and line["device"] == "cpu" and line["kernels"]
+
+
 @pytest.mark.parametrize("name,family", [
     ("dgrad2d_c1_k1_nhwc_specialized", "depthwise_conv"),
     ("wgrad2d_c1_k1_nhwc", "depthwise_conv"),
