@@ -172,6 +172,18 @@ def test_auto_backend_and_validation():
         linear_attention(q, q, q, backend="cuda")
 
 
+def test_auto_backend_under_fake_tensors_is_the_reference():
+    """Shape propagation and MAC counting of a CUDA model run the ops on fake tensors: "auto" takes the reference
+    there (the kernels need real memory; fake CUDA tensors need no GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 20, 16, device="cuda", dtype=torch.bfloat16)
+        v = torch.empty(2, 3, 20, 8, device="cuda", dtype=torch.bfloat16)
+        out = linear_attention(q, q, v, normalization="magnitude_aware", feature_map="elu1", backend="auto")
+    assert isinstance(out, FakeTensor) and out.shape == (2, 3, 20, 8) and out.dtype == torch.bfloat16
+    assert out.device.type == "cuda"
+
+
 def _projection_views(leaf, heads, d):
     """q, k, v as (B, H, N, d) views of one projection output, as the models make them: a (B, 3C, H, W) conv output
     (either memory format) or a (B, N, 3, H, d) linear output."""

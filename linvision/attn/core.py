@@ -27,7 +27,9 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .ops.flags import BACKENDS, FEATURE_MAPS, NORMALIZATIONS
 from .ops.naive import compute_dtype, feature_map_fn, linear_attention_torch
@@ -80,7 +82,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
         rope: optional :class:`RopeGrid`; rotates φ(q), φ(k) in the numerator only (needs d % 4 == 0).
         backend: ``"torch"`` (reference), ``"triton"`` (fused kernels, ``linvision.attn.ops``; CUDA tensors,
             or CPU tensors under ``TRITON_INTERPRET=1``) or ``"auto"`` (Triton for CUDA tensors with
-            head dims ≤ 128, the reference otherwise).
+            head dims ≤ 128, the reference otherwise and under fake tensors or the FLOP counter).
     Returns:
         ``(B, H, N, dv)`` in ``v.dtype``. The Triton backend lays it out as ``torch.empty_like(v)`` (and each
         gradient as its input): when q, k, v are ``(B, H, N, d)`` views of a projection's output, the reshape
@@ -91,7 +93,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_supports(q, v) else "torch"
+        backend = "triton" if q.is_cuda and _triton_supports(q, v) and not _under_dispatch_mode() else "torch"
     if backend == "triton":
         from .ops import linear_attention_triton  # lazy: importing linvision never touches Triton
 
@@ -99,6 +101,13 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
                                        eps=eps, key_weights=key_weights, rope=rope)
     return linear_attention_torch(q, k, v, normalization=normalization, feature_map=feature_map, scale=scale,
                                   eps=eps, key_weights=key_weights, rope=rope)
+
+
+def _under_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode runs the ops (fake tensors, the FLOP counter; not ``torch.compile``,
+    which takes the Triton kernels through their custom ops): the kernels need real tensors, and the
+    counter sees the reference's matrix products but not a Triton kernel."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
 
 
 def _triton_supports(q: Tensor, v: Tensor) -> bool:
