@@ -1,10 +1,11 @@
 """Where a model's GPU time goes: a torch.profiler kernel breakdown by op family.
 
 :func:`profile_model` runs a few warm-up steps, then profiles ``iters`` inference or training steps (the
-steps ``tools/benchmark.py`` times) and returns the device time per step grouped two ways: by *family* (what kind of work the kernel
-does: linear attention, matmul/1×1 conv, depthwise conv, norm, activation, elementwise, layout
-copy, reduction, optimizer, …) and by individual kernel (the top entries). ``tools/profile_model.py``
-prints it as JSON; ``docs/performance.md`` records the results that guided the model optimisations.
+steps ``tools/benchmark.py`` times) and returns the device time per step grouped two ways: by *family*
+(what kind of work the kernel does: linear attention, matmul/1×1 conv, depthwise conv, norm,
+activation, elementwise, layout copy, reduction, optimizer, …) and by individual kernel (the top
+entries). ``tools/profile_model.py`` prints it as JSON; ``docs/performance.md`` records the results
+that guided the model optimisations.
 """
 from __future__ import annotations
 

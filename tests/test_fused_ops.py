@@ -100,6 +100,17 @@ def test_auto_is_the_reference_when_autograd_records_or_on_cpu():
     assert x.grad is not None and x.grad.shape == x.shape
 
 
+def test_auto_is_the_reference_under_fake_tensors():
+    """Fake CUDA tensors (shape propagation, MAC counting; no GPU needed) have no memory for the kernel."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    with FakeTensorMode(), torch.no_grad():
+        x = torch.empty(2, 8, 5, 7, device="cuda").contiguous(memory_format=torch.channels_last)
+        y, h = fused_depthwise_conv(x, torch.empty(8, 1, 3, 3, device="cuda"), torch.empty(8, device="cuda"),
+                                    identity=True, norm=(torch.empty(8, device="cuda"), torch.empty(8, device="cuda"),
+                                                         1e-6))
+    assert isinstance(y, FakeTensor) and y.shape == h.shape == x.shape and y.device.type == "cuda"
+
+
 def test_triton_path_refuses_to_record_a_graph():
     if not triton_available(torch.empty(0)):
         pytest.skip("Triton kernels unavailable")

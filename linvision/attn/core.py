@@ -27,11 +27,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .ops.flags import BACKENDS, FEATURE_MAPS, NORMALIZATIONS
+from .ops.flags import BACKENDS, FEATURE_MAPS, NORMALIZATIONS, under_dispatch_mode
 from .ops.naive import compute_dtype, feature_map_fn, linear_attention_torch
 from .rope import RopeGrid
 
@@ -93,7 +91,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {backend!r}")
     if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_supports(q, v) and not _under_dispatch_mode() else "torch"
+        backend = "triton" if q.is_cuda and _triton_supports(q, v) and not under_dispatch_mode() else "torch"
     if backend == "triton":
         from .ops import linear_attention_triton  # lazy: importing linvision never touches Triton
 
@@ -101,13 +99,6 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, normalization: str = "d
                                        eps=eps, key_weights=key_weights, rope=rope)
     return linear_attention_torch(q, k, v, normalization=normalization, feature_map=feature_map, scale=scale,
                                   eps=eps, key_weights=key_weights, rope=rope)
-
-
-def _under_dispatch_mode() -> bool:
-    """Whether a Python dispatch mode runs the ops (fake tensors, the FLOP counter; not ``torch.compile``,
-    which takes the Triton kernels through their custom ops): the kernels need real tensors, and the
-    counter sees the reference's matrix products but not a Triton kernel."""
-    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
 
 
 def _triton_supports(q: Tensor, v: Tensor) -> bool:

@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, LayerNorm2d, SelectAdaptivePool2d
 from timm.layers.fast_norm import fast_layer_norm
@@ -43,6 +42,7 @@ from timm.models._features import feature_take_indices
 
 from ._builder import build_model_with_cfg, rename_key, unwrap_checkpoint
 from ..attn import MIXERS, Rope2d, RopeGrid, create_mixer
+from ..attn.ops.flags import under_dispatch_mode
 from ..ops import fused_depthwise_conv, triton_available
 from ..ops.depthwise import BACKENDS as FUSED_BACKENDS
 
@@ -167,7 +167,7 @@ class _KeepsInferenceValues:
     _KEPT = "_inference_kept"
 
     def _kept(self, dtype: torch.dtype, inputs: Sequence[Optional[torch.Tensor]], build):
-        if _get_current_dispatch_mode() is not None:
+        if under_dispatch_mode():
             return build()
         key = (dtype, *(None if t is None else (t._version, t.data_ptr(), t.device) for t in inputs))
         kept = self.__dict__.get(self._KEPT)
@@ -613,7 +613,7 @@ class LinViTBlock(_KeepsInferenceValues, nn.Module):
         convolutions but not a Triton kernel, so MACs are the same on every device."""
         if self.fused_backend == "torch" or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return False
-        if _get_current_dispatch_mode() is not None:
+        if under_dispatch_mode():
             return False
         if self.training and not isinstance(self.drop_path, nn.Identity):
             return False

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..attn.ops.flags import under_dispatch_mode
+
 __all__ = ["fused_depthwise_conv", "fused_depthwise_conv_torch", "triton_available", "BACKENDS"]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -117,7 +119,8 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
         add, gate: ``(B, C, H, W)`` tensors added to, then multiplied with, the result.
         norm: ``(weight, bias, eps)`` of a LayerNorm over channels: also return the normalised result.
         backend: ``"torch"`` (reference, differentiable), ``"triton"`` (forward only) or ``"auto"``
-            (Triton for CUDA tensors when autograd records nothing, else the reference).
+            (Triton for CUDA tensors when autograd records nothing, else the reference; also the reference
+            under fake tensors or the FLOP counter).
     Returns:
         ``(B, C, H, W)`` channels_last (Triton) in the autocast dtype, or ``x.dtype`` without autocast;
         with ``norm`` a pair ``(y, LayerNorm(y))``.
@@ -127,7 +130,7 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
     _check(x, weight, bias, add, gate, norm)
     grad = records_grad(x, weight, bias, add, gate, *(norm[:2] if norm is not None else ()))
     if backend == "auto":
-        backend = "triton" if x.is_cuda and not grad and triton_available(x) else "torch"
+        backend = "triton" if x.is_cuda and not grad and not under_dispatch_mode() and triton_available(x) else "torch"
     if backend == "torch":
         return fused_depthwise_conv_torch(x, weight, bias, identity=identity, add=add, gate=gate, norm=norm)
     if grad:

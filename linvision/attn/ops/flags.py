@@ -2,14 +2,18 @@
 
 One table per option: :func:`linvision.attn.linear_attention` validates the names against it, and the
 Triton kernels receive the id (their ``NORM``/``FEATURE``/``DOT_MODE`` constexprs branch on these
-numbers). Triton-free: importing this module imports neither Triton nor the kernels.
+numbers); :func:`under_dispatch_mode` says when the kernels must not run. Triton-free: importing this
+module imports neither Triton nor the kernels.
 """
 from __future__ import annotations
 
 import os
 
+import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
 __all__ = ["NORMALIZATION_IDS", "FEATURE_IDS", "DOT_MODES", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS",
-           "MAX_HEAD_DIM", "INTERPRETING"]
+           "MAX_HEAD_DIM", "INTERPRETING", "under_dispatch_mode"]
 
 # name -> the kernels' id; the tuples of names below keep this order.
 NORMALIZATION_IDS = {"division": 0, "magnitude_aware": 1, "injective": 2, "none": 3}
@@ -27,3 +31,11 @@ MAX_HEAD_DIM = 128
 # Whether the kernels run under Triton's interpreter (CPU tensors). Read once, at import, as Triton
 # itself reads it when the kernels are decorated: set it before importing the kernels.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def under_dispatch_mode() -> bool:
+    """Whether a Python dispatch mode runs the ops now (fake tensors, the FLOP counter, ...), outside
+    ``torch.compile`` (which takes the kernels through their custom ops). The Triton kernels need real
+    memory there, and the counter sees PyTorch's ops but not a Triton kernel, so code that chooses a
+    backend takes the PyTorch one, and nothing derived from parameters is kept."""
+    return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
