@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..attn.ops.flags import under_dispatch_mode
+from ..attn.ops.flags import records_grad, under_dispatch_mode
 
 __all__ = ["fused_depthwise_conv", "fused_depthwise_conv_torch", "triton_available", "BACKENDS"]
 
@@ -140,8 +140,3 @@ def fused_depthwise_conv(x: Tensor, weight: Optional[Tensor], bias: Optional[Ten
 
     return depthwise_conv_triton(x, weight, bias, identity=identity, add=add, gate=gate, norm=norm,
                                  out_dtype=output_dtype(x))
-
-
-def records_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd would record an op on these tensors."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

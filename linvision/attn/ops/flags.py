@@ -1,19 +1,22 @@
-"""Names and ids of the linear-attention op's options, and the environment read when the op is imported.
+"""Names and ids of the linear-attention op's options, the environment read when the op is imported, and
+when a kernel may run.
 
 One table per option: :func:`linvision.attn.linear_attention` validates the names against it, and the
 Triton kernels receive the id (their ``NORM``/``FEATURE``/``DOT_MODE`` constexprs branch on these
-numbers); :func:`under_dispatch_mode` says when the kernels must not run. Triton-free: importing this
-module imports neither Triton nor the kernels.
+numbers). :func:`under_dispatch_mode` says when no kernel may run, :func:`records_grad` when a call needs
+its backward (the Triton kernels of ``linvision.ops`` ask both too). Triton-free: importing this module
+imports neither Triton nor the kernels.
 """
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ["NORMALIZATION_IDS", "FEATURE_IDS", "DOT_MODES", "NORMALIZATIONS", "FEATURE_MAPS", "BACKENDS",
-           "MAX_HEAD_DIM", "INTERPRETING", "under_dispatch_mode"]
+           "MAX_HEAD_DIM", "INTERPRETING", "records_grad", "under_dispatch_mode"]
 
 # name -> the kernels' id; the tuples of names below keep this order.
 NORMALIZATION_IDS = {"division": 0, "magnitude_aware": 1, "injective": 2, "none": 3}
@@ -39,3 +42,8 @@ def under_dispatch_mode() -> bool:
     memory there, and the counter sees PyTorch's ops but not a Triton kernel, so code that chooses a
     backend takes the PyTorch one, and nothing derived from parameters is kept."""
     return not torch.compiler.is_compiling() and _get_current_dispatch_mode() is not None
+
+
+def records_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record an op on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

@@ -19,7 +19,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .flags import INTERPRETING, MAX_HEAD_DIM
+from .flags import INTERPRETING, MAX_HEAD_DIM, records_grad
 from .linear_attn_bwd import linear_attention_bwd
 from .linear_attn_fwd import linear_attention_fwd, state_size
 
@@ -123,8 +123,7 @@ def linear_attention_triton(q: Tensor, k: Tensor, v: Tensor, *, normalization: s
     options = (width, normalization, feature_map, float(scale), float(eps))
     if torch.compiler.is_compiling():
         return _fwd_op(q, k, v, key_weights, angle, *options)[0]
-    if not torch.is_grad_enabled() or not (q.requires_grad or k.requires_grad or v.requires_grad or (
-            key_weights is not None and key_weights.requires_grad)):
+    if not records_grad(q, k, v, key_weights):
         # Nothing to record (inference): the forward alone, without the autograd Function's context (its
         # apply costs host time on every call, and a 224² forward is bound by host time).
         return linear_attention_fwd(q, k, v, key_weights, angle, *options)[0]
